@@ -96,7 +96,7 @@ def x0_from_output(
     """x0 estimate from the raw network output at (VE) input x and noise level sigma [B].
 
     * eps: x0 = x - sigma * eps
-    * v (Salimans & Ho 2022, with sigma_data = 1): x0 = x / (sigma^2 + 1) - sigma v / sqrt(sigma^2+1)
+    * v (Salimans & Ho 2022, sigma_data = 1): x0 = x / (sigma^2 + 1) - sigma v / sqrt(sigma^2 + 1)
     * x0: the output itself
     """
     s = append_dims(sigma, x.ndim).to(x.dtype)
@@ -114,7 +114,8 @@ def training_target(
 ) -> torch.Tensor:
     """What a network of this prediction type should output for x = x0 + sigma * noise.
 
-    For v: v = sqrt(a) eps - sqrt(1 - a) x0 in VP terms, i.e. (noise - sigma x0) / sqrt(1 + sigma^2).
+    For v: v = sqrt(a) eps - sqrt(1 - a) x0 in VP terms,
+    i.e. (noise - sigma x0) / sqrt(1 + sigma^2).
     """
     s = append_dims(sigma, x0.ndim).to(x0.dtype)
     if prediction == "eps":

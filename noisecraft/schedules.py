@@ -172,7 +172,8 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 
 def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     """Sigmas evenly spaced in log sigma."""
-    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=F64).exp())
+    log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=F64)
+    return _append_zero(log_sigmas.exp())
 
 
 def normal_sigmas(schedule: DiscreteSchedule, n: int, sgm: bool = False) -> torch.Tensor:
@@ -265,7 +266,9 @@ SPACINGS: dict[str, Callable[..., torch.Tensor]] = {
     "trailing": _diffusers_spacing("trailing"),
     "linspace": _diffusers_spacing("linspace"),
 }
-COMFY_SPACINGS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta")
+COMFY_SPACINGS = (
+    "normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta"
+)
 
 
 def spacing_sigmas(spacing: str, schedule: DiscreteSchedule, steps: int, **options) -> torch.Tensor:

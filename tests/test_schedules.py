@@ -37,7 +37,8 @@ def test_zero_terminal_snr():
     from diffusers import DDPMScheduler
 
     ref = DDPMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        rescale_betas_zero_snr=True,
     )
     torch.testing.assert_close(r.float(), ref.alphas_cumprod, rtol=1e-4, atol=1e-6)
 
