@@ -203,7 +203,7 @@ def _as_pairs(value, batch: int, name: str, device) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=torch.float32, device=device)
     if t.ndim == 1:
         t = t.expand(batch, t.shape[0])
-    if t.ndim != 2 or t.shape[0] != batch:
+    if t.ndim != 2 or t.shape != (batch, 2):
         raise ValueError(f"{name} must be a pair (h, w) / (top, left) or a [B={batch}, 2] tensor, "
                          f"got shape {tuple(t.shape)}")
     return t
