@@ -107,7 +107,8 @@ def resize_and_crop(
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """8-bit RGB image -> float32 tensor [3, H, W] in [-1, 1]."""
     a = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
+    # transpose in NumPy: torch's threaded copy of small tensors is slow on a busy CPU
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
 def load_image(path: Path) -> Image.Image:
