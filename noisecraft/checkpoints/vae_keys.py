@@ -144,12 +144,28 @@ def vae_state_dict_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
+# diffusers before 0.14 (still found in e.g. sd-vae-ft-mse's .bin) named the attention leaves
+# query/key/value/proj_attn; read them as their current names.
+_LEGACY_DIFFUSERS_ATTN = re.compile(r"(.*\.attentions\.0\.)(query|key|value|proj_attn)(\.\w+)")
+_LEGACY_LEAVES = MappingProxyType(
+    {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+)
+
+
+def _modern_diffusers_key(key: str) -> str:
+    m = _LEGACY_DIFFUSERS_ATTN.fullmatch(key)
+    return key if m is None else m.group(1) + _LEGACY_LEAVES[m.group(2)] + m.group(3)
+
+
 def vae_state_dict_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers AutoencoderKL keys -> original ldm keys (attention linear -> 1x1 convs)."""
+    """diffusers AutoencoderKL keys (current or pre-0.14 attention names) -> original ldm keys.
+
+    Attention projections become (C, C, 1, 1) 1x1-conv weights.
+    """
     n = _num_levels(sd, r"decoder\.up_blocks\.(\d+)\.")
     out = {}
     for key, value in sd.items():
-        new = _rename(key, False, n)
+        new = _rename(_modern_diffusers_key(key), False, n)
         if _ATTN_PROJ_WEIGHT.fullmatch(new) and value.ndim == 2:
             value = value.reshape(*value.shape, 1, 1)
         out[new] = value

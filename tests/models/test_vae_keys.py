@@ -61,6 +61,20 @@ def test_round_trip_is_identity_on_values():
     assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
+def test_pre_0_14_diffusers_attention_names_are_read():
+    sd = AutoencoderKL(TINY_VAE).state_dict()
+    diff = vae_state_dict_to_diffusers(sd)
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    legacy = {}
+    for k, v in diff.items():
+        for new, old in old_names.items():
+            k = k.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        legacy[k] = v
+    assert "decoder.mid_block.attentions.0.proj_attn.weight" in legacy
+    back = vae_state_dict_from_diffusers(legacy)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
 def test_unknown_keys_are_reported_with_the_allowed_names():
     sd = dict(AutoencoderKL(TINY_VAE, device="meta").state_dict())
     sd["encoder.mid.attn_1.query.weight"] = sd.pop("encoder.mid.attn_1.q.weight")
