@@ -8,9 +8,9 @@ Two latent spaces meet here:
 
 ``latent_to_rgb_preview`` approximates the VAE decoder by one linear map per pixel, from the
 diffusion latent to RGB in [-1, 1] (at latent resolution): cheap enough for every sampler step.
-The factors are the ones published in ComfyUI's ``comfy/latent_formats.py`` (classes ``SD15`` and
-``SDXL``; fitted by least squares between latents and downscaled decoded images) and are used by
-ComfyUI's ``Latent2RGBPreviewer`` in exactly this way: ``rgb = x @ factors + bias``.
+The factors are the ones published in ComfyUI's ``comfy/latent_formats.py`` (classes ``SD15``
+and ``SDXL``), where ``Latent2RGBPreviewer`` uses them the same way: ``rgb = x @ factors + bias``
+on the diffusion latent, then ``(rgb + 1) / 2`` to [0, 1].
 """
 
 from __future__ import annotations
