@@ -12,8 +12,9 @@ import torch
 from noisecraft.diffusion import BoundDenoiser
 from noisecraft.samplers.basic import SAMPLERS as _BASIC
 from noisecraft.samplers.common import NoiseSource, Step, StepCallback, gaussian_noise
+from noisecraft.samplers.discrete import SAMPLERS as _DISCRETE
 
-SAMPLERS = {**_BASIC}
+SAMPLERS = {**_BASIC, **_DISCRETE}
 
 __all__ = ["SAMPLERS", "Step", "gaussian_noise", "sample", "sampler_names"]
 
