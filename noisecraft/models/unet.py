@@ -45,53 +45,20 @@ class UNetModel(nn.Module):
         self.config = config
         self.gradient_checkpointing = False
         fk = {"device": device, "dtype": dtype}
-        mc, ted = config.model_channels, config.time_embed_dim
-        self.time_embed = nn.Sequential(
-            nn.Linear(mc, ted, **fk), nn.SiLU(), nn.Linear(ted, ted, **fk)
-        )
-        if config.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(config.adm_in_channels, ted, **fk), nn.SiLU(),
-                nn.Linear(ted, ted, **fk),
-            ))
-        else:
-            self.label_emb = None
+        mc = config.model_channels
+        self.time_embed = build_time_embed(config, **fk)
+        self.label_emb = build_label_emb(config, **fk)
         layout = unet_layout(config)
-        self.input_blocks = nn.ModuleList(self._block(s, fk) for s in layout.input_blocks)
-        mid = layout.middle_channels
-        heads, dim_head = config.heads_for(mid)
-        self.middle_block = EmbedSequential(
-            ResBlock(mid, ted, mid, dropout=config.dropout, **fk),
-            SpatialTransformer(mid, heads, dim_head, config.transformer_depth_middle,
-                               config.context_dim, use_linear=config.use_linear_in_transformer,
-                               dropout=config.dropout, **fk),
-            ResBlock(mid, ted, mid, dropout=config.dropout, **fk),
-        )
-        self.output_blocks = nn.ModuleList(self._block(s, fk) for s in layout.output_blocks)
+        self.input_blocks = nn.ModuleList(build_unet_block(s, config, **fk)
+                                          for s in layout.input_blocks)
+        self.middle_block = build_middle_block(config, **fk)
+        self.output_blocks = nn.ModuleList(build_unet_block(s, config, **fk)
+                                           for s in layout.output_blocks)
         self.out = nn.Sequential(
             GroupNorm32(mc, **fk), nn.SiLU(),
             nn.Conv2d(mc, config.out_channels, 3, padding=1, **fk),
         )
         self._zero_output_layers()
-
-    def _block(self, spec: BlockSpec, fk: dict) -> EmbedSequential:
-        c = self.config
-        if spec.kind == "conv_in":
-            return EmbedSequential(nn.Conv2d(spec.in_channels, spec.out_channels, 3, padding=1,
-                                             **fk))
-        if spec.kind == "down":
-            return EmbedSequential(Downsample(spec.out_channels, **fk))
-        layers: list[nn.Module] = [ResBlock(spec.in_channels, c.time_embed_dim, spec.out_channels,
-                                           dropout=c.dropout, **fk)]
-        if spec.depth:
-            heads, dim_head = c.heads_for(spec.out_channels)
-            layers.append(SpatialTransformer(
-                spec.out_channels, heads, dim_head, spec.depth, c.context_dim,
-                use_linear=c.use_linear_in_transformer, dropout=c.dropout, **fk,
-            ))
-        if spec.upsample:
-            layers.append(Upsample(spec.out_channels, **fk))
-        return EmbedSequential(*layers)
 
     @torch.no_grad()
     def _zero_output_layers(self) -> None:
@@ -152,37 +119,18 @@ class UNetModel(nn.Module):
         return self.out(h)
 
     def _conditioning(self, x, timesteps, context, y):
-        batch = x.shape[0]
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"UNetModel expects x of shape [B, {self.config.in_channels}, H, W], got "
                 f"{tuple(x.shape)}"
             )
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(batch)
-        if timesteps.shape != (batch,):
-            raise ValueError(f"timesteps must be a scalar or [B={batch}], got "
-                             f"{tuple(timesteps.shape)}")
         if context is None or context.ndim != 3 or context.shape[-1] != self.config.context_dim:
             got = None if context is None else tuple(context.shape)
             raise ValueError(
                 f"UNetModel needs context of shape [B, M, {self.config.context_dim}] (the text "
                 f"encoder's hidden states), got {got}"
             )
-        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
-        emb = self.time_embed(t_emb)
-        if self.label_emb is not None:
-            adm = self.config.adm_in_channels
-            if y is None or y.shape != (batch, adm):
-                got = None if y is None else tuple(y.shape)
-                raise ValueError(
-                    f"this U-Net (SDXL-style) needs y of shape [B={batch}, {adm}], e.g. from "
-                    f"sdxl_vector(); got {got}"
-                )
-            emb = emb + self.label_emb(y.to(emb.dtype))
-        elif y is not None:
-            raise ValueError("y was given but this U-Net has no label_emb (adm_in_channels=None)")
+        emb = embed_conditioning(self.config, self.time_embed, self.label_emb, x, timesteps, y)
         return emb, context.to(x.dtype)
 
     def _add_down_residuals(self, skips, down_residuals):
@@ -197,6 +145,86 @@ class UNetModel(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, emb, context, upsample_size, use_reentrant=False)
         return block(h, emb, context, upsample_size)
+
+
+def build_time_embed(config: UNetConfig, *, device=None, dtype=None) -> nn.Sequential:
+    """``time_embed``: Linear(model_channels, 4*mc), SiLU, Linear (keys ``.0``, ``.2``)."""
+    mc, ted = config.model_channels, config.time_embed_dim
+    fk = {"device": device, "dtype": dtype}
+    return nn.Sequential(nn.Linear(mc, ted, **fk), nn.SiLU(), nn.Linear(ted, ted, **fk))
+
+
+def build_label_emb(config: UNetConfig, *, device=None, dtype=None) -> nn.Sequential | None:
+    """SGM's ``label_emb`` for the vector ``y`` (keys ``.0.0``, ``.0.2``), or None."""
+    if config.adm_in_channels is None:
+        return None
+    ted, fk = config.time_embed_dim, {"device": device, "dtype": dtype}
+    return nn.Sequential(nn.Sequential(
+        nn.Linear(config.adm_in_channels, ted, **fk), nn.SiLU(), nn.Linear(ted, ted, **fk),
+    ))
+
+
+def build_unet_block(spec: BlockSpec, config: UNetConfig, *, device=None,
+                     dtype=None) -> EmbedSequential:
+    """One ``input_blocks`` / ``output_blocks`` entry described by ``spec`` (shared with
+    ControlNet, whose ``input_blocks`` are the U-Net's)."""
+    fk = {"device": device, "dtype": dtype}
+    if spec.kind == "conv_in":
+        return EmbedSequential(nn.Conv2d(spec.in_channels, spec.out_channels, 3, padding=1, **fk))
+    if spec.kind == "down":
+        return EmbedSequential(Downsample(spec.out_channels, **fk))
+    layers: list[nn.Module] = [ResBlock(spec.in_channels, config.time_embed_dim,
+                                        spec.out_channels, dropout=config.dropout, **fk)]
+    if spec.depth:
+        layers.append(_transformer(config, spec.out_channels, spec.depth, fk))
+    if spec.upsample:
+        layers.append(Upsample(spec.out_channels, **fk))
+    return EmbedSequential(*layers)
+
+
+def build_middle_block(config: UNetConfig, *, device=None, dtype=None) -> EmbedSequential:
+    """``middle_block``: ResBlock, SpatialTransformer, ResBlock at the deepest width."""
+    fk = {"device": device, "dtype": dtype}
+    mid, ted = config.level_channels(config.num_levels - 1), config.time_embed_dim
+    return EmbedSequential(
+        ResBlock(mid, ted, mid, dropout=config.dropout, **fk),
+        _transformer(config, mid, config.transformer_depth_middle, fk),
+        ResBlock(mid, ted, mid, dropout=config.dropout, **fk),
+    )
+
+
+def _transformer(config: UNetConfig, channels: int, depth: int, fk: dict) -> SpatialTransformer:
+    heads, dim_head = config.heads_for(channels)
+    return SpatialTransformer(channels, heads, dim_head, depth, config.context_dim,
+                              use_linear=config.use_linear_in_transformer,
+                              dropout=config.dropout, **fk)
+
+
+def embed_conditioning(config: UNetConfig, time_embed: nn.Module, label_emb: nn.Module | None,
+                       x: torch.Tensor, timesteps: torch.Tensor,
+                       y: torch.Tensor | None) -> torch.Tensor:
+    """The ``[B, 4*model_channels]`` embedding every ResBlock receives: ``time_embed`` of the
+    sinusoidal timestep embedding, plus ``label_emb(y)`` for SDXL-style models."""
+    batch = x.shape[0]
+    timesteps = torch.as_tensor(timesteps, device=x.device)
+    if timesteps.ndim == 0:
+        timesteps = timesteps.expand(batch)
+    if timesteps.shape != (batch,):
+        raise ValueError(f"timesteps must be a scalar or [B={batch}], got "
+                         f"{tuple(timesteps.shape)}")
+    emb = time_embed(timestep_embedding(timesteps, config.model_channels).to(x.dtype))
+    if label_emb is not None:
+        adm = config.adm_in_channels
+        if y is None or y.shape != (batch, adm):
+            got = None if y is None else tuple(y.shape)
+            raise ValueError(
+                f"this U-Net (SDXL-style) needs y of shape [B={batch}, {adm}], e.g. from "
+                f"sdxl_vector(); got {got}"
+            )
+        emb = emb + label_emb(y.to(emb.dtype))
+    elif y is not None:
+        raise ValueError("y was given but this U-Net has no label_emb (adm_in_channels=None)")
+    return emb
 
 
 def _as_pairs(value, batch: int, name: str, device) -> torch.Tensor:
