@@ -130,3 +130,22 @@ def test_full_size_matches_diffusers(name):
     diff = _max_diff(name, size=(16, 16))
     print(f"\n{name}: max abs diff vs diffusers {diff:.3e} ({time.perf_counter() - start:.1f} s)")
     assert diff <= TOL
+
+
+@pytest.mark.parametrize("name", ["tiny_sd15", "tiny_sd2", "tiny_sdxl_base", "tiny_sdxl_refiner"])
+def test_original_key_names_agree_with_diffusers_single_file_converter(name):
+    """diffusers' own LDM -> diffusers converter is an independent oracle for the original
+    key names: both renamings of the same checkpoint must put every tensor in the same place."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    config = UNET_PRESETS[name]
+    original = UNetModel(config, device="meta").state_dict()
+    original = {k: torch.full(v.shape, float(i)) for i, (k, v) in enumerate(original.items())}
+    kwargs = unet_config_to_diffusers(config)
+    assert len(set(config.num_res_blocks)) == 1  # the converter only handles a uniform count
+    kwargs.update(layers_per_block=config.num_res_blocks[0], num_class_embeds=None)
+    checkpoint = {"model.diffusion_model." + k: v for k, v in original.items()}
+    theirs = convert_ldm_unet_checkpoint(checkpoint, kwargs)
+    ours = unet_state_dict_to_diffusers(original, config)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
