@@ -13,8 +13,11 @@ from noisecraft.diffusion import BoundDenoiser
 from noisecraft.samplers.basic import SAMPLERS as _BASIC
 from noisecraft.samplers.common import NoiseSource, Step, StepCallback, gaussian_noise
 from noisecraft.samplers.discrete import SAMPLERS as _DISCRETE
+from noisecraft.samplers.dpmpp import SAMPLERS as _DPMPP
+from noisecraft.samplers.unipc import SAMPLERS as _UNIPC
 
 SAMPLERS = {**_BASIC, **_DISCRETE}
+SAMPLERS = {**SAMPLERS, **_DPMPP, **_UNIPC}
 
 __all__ = ["SAMPLERS", "Step", "gaussian_noise", "sample", "sampler_names"]
 
