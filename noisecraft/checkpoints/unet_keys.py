@@ -20,6 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
+from noisecraft.models.layers import GROUP_NORM_GROUPS
+from noisecraft.models.unet import SDXL_SIZE_EMBED_DIM
 from noisecraft.models.unet_configs import UNetConfig, unet_layout
 
 # diffusers ResnetBlock2D sub-module -> LDM ResBlock sub-module
@@ -211,7 +213,7 @@ def unet_config_to_diffusers(config: UNetConfig, *, sample_size: int = 64) -> di
         "attention_head_dim": tuple(heads),
         "cross_attention_dim": config.context_dim,
         "use_linear_projection": config.use_linear_in_transformer,
-        "norm_num_groups": 32,
+        "norm_num_groups": GROUP_NORM_GROUPS,
         "norm_eps": 1e-5,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
@@ -220,6 +222,6 @@ def unet_config_to_diffusers(config: UNetConfig, *, sample_size: int = 64) -> di
         "dropout": config.dropout,
     }
     if config.adm_in_channels is not None:
-        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=SDXL_SIZE_EMBED_DIM,
                       projection_class_embeddings_input_dim=config.adm_in_channels)
     return kwargs

@@ -53,6 +53,8 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         n = len(self.channel_mult)
+        if n < 1:
+            raise ValueError("UNetConfig.channel_mult must name at least one level.")
         for name in ("channel_mult", "num_res_blocks", "transformer_depth"):
             value = getattr(self, name)
             if isinstance(value, int):
@@ -64,8 +66,6 @@ class UNetConfig:
                     f"UNetConfig.{name} has {len(value)} entries {value}, but channel_mult "
                     f"{self.channel_mult} defines {n} levels; give one entry per level."
                 )
-        if n < 1:
-            raise ValueError("UNetConfig.channel_mult must name at least one level.")
         if any(v < 1 for v in self.num_res_blocks):
             raise ValueError(f"UNetConfig.num_res_blocks must be >= 1, got {self.num_res_blocks}.")
         if any(v < 0 for v in self.transformer_depth) or self.transformer_depth_middle < 1:
