@@ -28,8 +28,11 @@ Unlike A1111 the mean is taken per prompt, not over the batch, so a prompt's emb
 depend on what else is in the batch. ComfyUI instead interpolates from the empty prompt's
 embedding; that is not implemented here.
 
-Tested here on CPU in float32 only: float16/bfloat16 on CUDA are expected to work (transformers'
-CLIP and SDPA support them) but could not be tested on this machine.
+Encoding runs under the caller's autograd mode: pipelines should wrap it in
+``torch.inference_mode()``; training noisecraft's own encoder needs the gradients.
+
+Tested here on CPU in float32 (and a bfloat16 smoke test) only: float16/bfloat16 on CUDA are
+expected to work (transformers' CLIP and SDPA support them) but could not be tested here.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 import torch
 
@@ -119,13 +120,13 @@ def tiny(config: TextEncoderConfig) -> TextEncoderConfig:
     )
 
 
-ARRANGEMENTS: Mapping[str, tuple[TextEncoderConfig, ...]] = {
+ARRANGEMENTS: Mapping[str, tuple[TextEncoderConfig, ...]] = MappingProxyType({
     "sd1": (CLIP_L,),
     "sd2": (OPENCLIP_H,),
     "sdxl": (CLIP_L_SDXL, OPENCLIP_BIGG),
     "sdxl_refiner": (OPENCLIP_BIGG,),
     "clip": (NOISECRAFT_SMALL,),
-}
+})
 
 
 def text_configs(arrangement: str) -> tuple[TextEncoderConfig, ...]:
