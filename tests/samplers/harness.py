@@ -67,6 +67,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 import torch
 
 from noisecraft.diffusion import training_target
@@ -79,6 +80,18 @@ SD_SCHEDULE = DiscreteSchedule.from_betas("scaled_linear", 1000, 0.00085, 0.012)
 SIGMA_MIN, SIGMA_MAX = SD_SCHEDULE.sigma_min, SD_SCHEDULE.sigma_max  # 0.0292, 14.6146
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 """diffusers scheduler kwargs for Stable Diffusion's training schedule (= SD_SCHEDULE)."""
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test with one torch thread (restored after).  These tensors are tiny; on a loaded
+    2-core machine torch's intra-op thread pool makes them ~20x slower.  Use it with
+    ``from tests.samplers.harness import single_thread  # noqa: F401`` and
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +240,10 @@ def model_output(x_ve: torch.Tensor, sigma: float, prediction: str, gmm=GMM) -> 
 @contextmanager
 def _intercept_noise(scheduler, draws: list, seed: int, noise: Sequence | None):
     module = sys.modules[type(scheduler).__module__]
-    original = module.randn_tensor
+    original = getattr(module, "randn_tensor", None)
+    if original is None:  # a deterministic scheduler: nothing to intercept
+        yield
+        return
     gen = torch.Generator().manual_seed(seed)
     supplied = list(noise) if noise is not None else None
 
@@ -462,3 +478,20 @@ def convergence_order(
         errors.append(float(((out - ref) ** 2).sum(1).mean().sqrt()))
     slope = np.polyfit(np.log(np.asarray(steps, float)), np.log(errors), 1)[0]
     return float(-slope), errors
+
+
+def consistency_denoiser(gmm: GaussianMixture = GMM, steps: int = 40, sigma_end: float = 1e-3):
+    """A consistency function for the GMM (Song et al. 2023): x at sigma -> the end of its
+    probability-flow ODE path, by Heun on Karras sigmas down to ``sigma_end`` and a final
+    posterior mean.  Sampling with ``lcm`` is exact only with such a denoiser."""
+    from noisecraft.samplers.basic import sample_heun
+
+    def f(x, sigma):
+        s = float(sigma.reshape(-1)[0])
+        if s <= sigma_end:
+            return gmm.denoise(x, sigma)
+        sig = karras_sigmas(steps + 1, sigma_end, s)[:-1].to(x.dtype)
+        x_end = sample_heun(lambda x_, s_: gmm.denoise(x_, s_), x, sig)
+        return gmm.denoise(x_end, torch.full_like(sigma, sigma_end))
+
+    return f

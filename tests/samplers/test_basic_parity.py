@@ -28,7 +28,14 @@ from diffusers import (
     LMSDiscreteScheduler,
 )
 
-from tests.samplers.harness import SD_BETAS, assert_trajectories_close, run_pair
+from tests.samplers.harness import (  # noqa: F401
+    SD_BETAS,
+    assert_trajectories_close,
+    run_pair,
+    single_thread,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CASES = [
     ("euler", EulerDiscreteScheduler),

@@ -32,7 +32,10 @@ from tests.samplers.harness import (
     assert_trajectories_close,
     run_pair,
     run_sampler,
+    single_thread,  # noqa: F401
 )
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _alpha_sigma(a: float) -> float:
