@@ -72,7 +72,7 @@ def byte_alphabet() -> dict[int, str]:
 def read_merges(path: str | Path | None = None) -> list[tuple[str, str]]:
     """The first 48,894 merges of CLIP's BPE file (the ones CLIP's vocabulary is made of)."""
     if path is None:
-        with resources.files("noisecraft.models.data").joinpath(VOCAB_FILE).open("rb") as f:
+        with resources.files("noisecraft.models").joinpath("data", VOCAB_FILE).open("rb") as f:
             raw = f.read()
     else:
         raw = Path(path).read_bytes()

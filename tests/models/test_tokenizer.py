@@ -133,7 +133,7 @@ def test_matches_transformers_clip_tokenizer(tok):
 def test_vocab_file_is_clip_original():
     from importlib import resources
 
-    raw = resources.files("noisecraft.models.data").joinpath("bpe_simple_vocab_16e6.txt.gz")
+    raw = resources.files("noisecraft.models").joinpath("data", "bpe_simple_vocab_16e6.txt.gz")
     first = gzip.decompress(raw.read_bytes()).decode("utf-8").split("\n", 2)
     assert first[0] == '"bpe_simple_vocab_16e6.txt#version: 0.2'
     assert first[1] == "i n"
