@@ -1,0 +1,109 @@
+"""``generate_image()``: the Python entry point.  It builds a request and calls the engine.
+
+    >>> from noisecraft import generate_image
+    >>> image = generate_image("a red circle", model="sd15.safetensors", seed=42)  # doctest: +SKIP
+    >>> image.info["seed"], image.info["parameters"]                               # doctest: +SKIP
+
+Each call without ``engine=`` builds a fresh :class:`~noisecraft.engine.Engine` and loads the
+model again; pass one ``Engine`` to keep models loaded across calls.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+from noisecraft.engine import Engine
+from noisecraft.metadata import PARAMETERS_KEY, SETTINGS_KEY, format_parameters
+from noisecraft.pipelines.common import ProgressCallback
+from noisecraft.request import (
+    CancelToken,
+    GeneratedImage,
+    GenerationRequest,
+    ImageInput,
+)
+
+
+def _annotated(g: GeneratedImage) -> Image.Image:
+    g.image.info["seed"] = g.seed
+    g.image.info[PARAMETERS_KEY] = format_parameters(g.settings)
+    g.image.info[SETTINGS_KEY] = json.dumps(g.settings, sort_keys=True)
+    return g.image
+
+
+def generate_image(
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    model: str | None = None,
+    steps: int = 20,
+    cfg_scale: float = 7.0,
+    seed: int | None = None,
+    sampler: str = "euler",
+    scheduler: str = "normal",
+    width: int | None = None,
+    height: int | None = None,
+    batch_size: int = 1,
+    init_image: ImageInput | None = None,
+    strength: float = 0.75,
+    mask: ImageInput | None = None,
+    mask_blur: int = 4,
+    mask_grow: int = 0,
+    outpaint: tuple[int, int, int, int] = (0, 0, 0, 0),
+    outpaint_fill: str = "edge",
+    hires_scale: float = 1.0,
+    hires_upscale: str = "latent",
+    hires_steps: int | None = None,
+    hires_strength: float = 0.5,
+    clip_skip: int | None = None,
+    guidance_rescale: float = 0.0,
+    eta: float | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    callback: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    engine: Engine | None = None,
+) -> Image.Image | list[Image.Image]:
+    """Generate an image; a list of ``batch_size`` images when ``batch_size > 1``.
+
+    Args:
+        prompt, negative_prompt: text with AUTOMATIC1111 weighting syntax (``(word:1.3)``,
+            ``[word]``, ``BREAK``); longer than 75 tokens is chunked.
+        model: checkpoint path or a name registered on ``engine``; None = the built-in default
+            model at its native size (raises ``DefaultModelMissing`` until its weights exist).
+        steps, cfg_scale, sampler, scheduler: sampler (``noisecraft samplers`` lists them) and
+            spacing names are ComfyUI's.
+        seed: image i uses ``seed + i``; None picks a random seed (``image.info["seed"]``).
+        width, height: multiples of 8 (others are refused, naming the nearest valid sizes);
+            default the model's native size, or the init image's size.
+        init_image, strength: img2img; ``strength`` in (0, 1] (diffusers' step convention).
+        mask, mask_blur, mask_grow: inpainting (white = repaint); blur/grow in pixels.
+        outpaint, outpaint_fill: extend ``init_image`` by (left, top, right, bottom) pixels and
+            inpaint the new area (``edge`` or ``mean`` initial fill).
+        hires_scale, hires_upscale, hires_steps, hires_strength: hires fix for txt2img.
+        clip_skip: 1 = last layer; None = the model family's default.
+        guidance_rescale, eta: CFG rescale (Lin et al. 2023); eta for samplers that take it.
+        device, dtype: for a new engine (ignored when ``engine`` is given).
+        callback: called with a ``ProgressEvent`` after every step.
+        cancel: a ``CancelToken``; cancelling raises ``Interrupted`` (no partial result).
+        engine: an ``Engine`` to reuse (keeps models loaded).
+
+    Returns:
+        PIL image(s); ``image.info`` holds ``seed``, ``parameters`` (A1111 text) and
+        ``noisecraft`` (JSON settings).
+    """
+    request = GenerationRequest(
+        prompt=prompt, negative_prompt=negative_prompt, model=model, steps=steps,
+        cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, seed=seed, sampler=sampler,
+        scheduler=scheduler, width=width, height=height, batch_size=batch_size,
+        clip_skip=clip_skip, init_image=init_image, strength=strength, mask=mask,
+        mask_blur=mask_blur, mask_grow=mask_grow, outpaint=tuple(outpaint),
+        outpaint_fill=outpaint_fill, hires_scale=hires_scale, hires_upscale=hires_upscale,
+        hires_steps=hires_steps, hires_strength=hires_strength, eta=eta,
+    )
+    engine = engine or Engine(device=device, dtype=dtype)
+    result = engine.generate(request, callback=callback, cancel=cancel)
+    images = [_annotated(g) for g in result.images]
+    return images[0] if batch_size == 1 else images

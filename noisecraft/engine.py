@@ -1,0 +1,259 @@
+"""The engine: the one object that owns what is expensive, behind every front door.
+
+``Engine`` holds the loaded models (a cache keyed by file and hash, bounded by memory, least
+recently used evicted first), the device and the dtype.  ``Engine.generate(request, callback=,
+cancel=)`` takes a frozen :class:`~noisecraft.request.GenerationRequest` and returns a
+:class:`~noisecraft.request.GenerationResult`; ``generate_image()``, the CLI, graph nodes and
+server workers all call it.
+
+Interruption: cancelling the :class:`~noisecraft.request.CancelToken` makes ``generate`` raise
+:class:`~noisecraft.request.Interrupted` before the next step starts (it is checked before
+sampling and after every sampler step); no partial images are returned, and the engine and its
+cache stay usable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from noisecraft.images import tensor_to_images
+from noisecraft.models.family import ModelBundle
+from noisecraft.models.latent_formats import latent_to_preview_image
+from noisecraft.pipelines.common import ProgressCallback, Run, generators_for, vae_factor
+from noisecraft.pipelines.generate import run_request
+from noisecraft.request import (
+    CancelToken,
+    GeneratedImage,
+    GenerationRequest,
+    GenerationResult,
+    InputError,
+    image_settings,
+)
+
+DEFAULT_MODEL_PATH = Path(__file__).parent / "weights" / "default.safetensors"
+SEED_RANGE = 2**32
+
+
+class DefaultModelMissing(InputError):
+    """``model=None`` asked for the built-in default model, whose weights are not there."""
+
+
+class ModelNotFound(InputError):
+    """A model path or name that is neither a file nor a registered model."""
+
+
+def _module_bytes(*modules) -> int:
+    seen, total = set(), 0
+    for module in modules:
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for t in (*module.parameters(), *module.buffers()):
+            if id(t) not in seen and t.device.type != "meta":
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def bundle_bytes(bundle: ModelBundle) -> int:
+    """Memory held by a bundle's weights (parameters and buffers, counted once)."""
+    return _module_bytes(bundle.unet, bundle.vae, bundle.text_encoder, *bundle.extras.values())
+
+
+def _default_cache_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _default_loader(path: Path, device: torch.device, dtype: torch.dtype | None) -> ModelBundle:
+    try:
+        from noisecraft.checkpoints.loader import load_model
+    except ImportError as e:
+        raise InputError(
+            f"cannot load {path}: checkpoint loading (noisecraft.checkpoints.loader) is not "
+            f"available in this build ({e})"
+        ) from None
+    return load_model(path, device=device, dtype=dtype)
+
+
+@dataclass
+class _Entry:
+    bundle: ModelBundle
+    nbytes: int
+    pinned: bool
+
+
+Loader = Callable[[Path, torch.device, "torch.dtype | None"], ModelBundle]
+
+
+class Engine:
+    """Loaded models + device + dtype; runs generation requests.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available, else CPU.
+        dtype: weights' dtype; default float32 (latents stay float32 whatever it is).
+        max_cache_bytes: bound on the memory of cached models (default: half the machine's
+            RAM).  Registered models are pinned and count against it but are never evicted.
+        loader: ``(path, device, dtype) -> ModelBundle``; default
+            ``noisecraft.checkpoints.loader.load_model``.
+    """
+
+    def __init__(
+        self,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_cache_bytes: int | None = None,
+        loader: Loader | None = None,
+    ) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.dtype = dtype or torch.float32
+        self.max_cache_bytes = max_cache_bytes or _default_cache_bytes()
+        self._loader = loader or _default_loader
+        self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._names: dict[str, tuple] = {}
+        self._preview_decoders: dict[str, torch.nn.Module] = {}
+        self._lock = threading.RLock()
+
+    # ---- models -------------------------------------------------------------------------
+
+    def register(self, name: str, bundle: ModelBundle) -> ModelBundle:
+        """Make an in-memory bundle available as ``model=name`` (pinned in the cache)."""
+        bundle = self._place(bundle)
+        key = ("registered", name, bundle.sha256)
+        with self._lock:
+            self._cache[key] = _Entry(bundle, bundle_bytes(bundle), pinned=True)
+            self._names[name] = key
+        return bundle
+
+    def _place(self, bundle: ModelBundle) -> ModelBundle:
+        for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+            module.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        return bundle
+
+    def model(self, ref: str | os.PathLike | None) -> ModelBundle:
+        """The bundle for a registered name or a checkpoint path (loaded once, then cached);
+        None means the built-in default model."""
+        with self._lock:
+            if ref is not None and str(ref) in self._names:
+                key = self._names[str(ref)]
+                self._cache.move_to_end(key)
+                return self._cache[key].bundle
+            path = self._resolve(ref)
+            stat = path.stat()
+            key = ("file", str(path), stat.st_size, stat.st_mtime_ns)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key].bundle
+            bundle = self._place(self._loader(path, self.device, self.dtype))
+            nbytes = bundle_bytes(bundle)
+            self._evict(nbytes)
+            self._cache[key] = _Entry(bundle, nbytes, pinned=False)
+            return bundle
+
+    @staticmethod
+    def _resolve(ref) -> Path:
+        if ref is None:
+            if not DEFAULT_MODEL_PATH.is_file():
+                raise DefaultModelMissing(
+                    f"the built-in default model ({DEFAULT_MODEL_PATH}) is not there: its "
+                    "weights have not been trained and shipped yet. Pass model=PATH (a Stable "
+                    "Diffusion checkpoint) instead."
+                )
+            return DEFAULT_MODEL_PATH
+        path = Path(os.fspath(ref)).expanduser().resolve()
+        if not path.exists():
+            raise ModelNotFound(
+                f"model {os.fspath(ref)!r} is neither a registered model name nor an existing "
+                "file or folder"
+            )
+        return path
+
+    def _evict(self, incoming: int) -> None:
+        used = sum(e.nbytes for e in self._cache.values())
+        for key in [k for k, e in self._cache.items() if not e.pinned]:
+            if used + incoming <= self.max_cache_bytes:
+                break
+            used -= self._cache.pop(key).nbytes
+
+    @property
+    def cached_models(self) -> list[str]:
+        """Names (registered) or paths of the models in the cache, least recently used first."""
+        return [k[1] for k in self._cache]
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(e.nbytes for e in self._cache.values())
+
+    def clear(self) -> None:
+        """Drop every unpinned model."""
+        with self._lock:
+            for key in [k for k, e in self._cache.items() if not e.pinned]:
+                del self._cache[key]
+
+    # ---- generation ---------------------------------------------------------------------
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        callback: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GenerationResult:
+        """Run ``request``; image i uses seed ``seed + i`` (a random seed when None).
+
+        Raises :class:`~noisecraft.request.Interrupted` when ``cancel`` is cancelled and
+        :class:`~noisecraft.request.InputError` on bad input.
+        """
+        seed = request.seed if request.seed is not None else secrets.randbelow(SEED_RANGE)
+        request = request.with_seed(int(seed))
+        bundle = self.model(request.model)
+        seeds = [request.seed + i for i in range(request.batch_size)]
+        run = Run(bundle, self.device, generators_for(seeds), callback, cancel)
+        with torch.inference_mode():
+            out = run_request(run, request)
+        images = tuple(
+            GeneratedImage(im, s, image_settings(request, s, out.width, out.height, bundle.name,
+                                                 bundle.short_hash))
+            for im, s in zip(tensor_to_images(out.images), seeds, strict=True)
+        )
+        return GenerationResult(images, out.latents.detach().cpu(), request)
+
+    # ---- previews -----------------------------------------------------------------------
+
+    def preview_decoder(self, path: str | os.PathLike) -> torch.nn.Module:
+        """A TAESD decoder from ``path`` (cached), for :meth:`preview`."""
+        from noisecraft.models.taesd import TAESD
+
+        key = str(Path(path).resolve())
+        with self._lock:
+            if key not in self._preview_decoders:
+                if not Path(path).is_file():
+                    raise InputError(f"preview decoder {path} does not exist")
+                self._preview_decoders[key] = TAESD.from_files(decoder=path, device=self.device)
+            return self._preview_decoders[key]
+
+    @torch.inference_mode()
+    def preview(
+        self, bundle: ModelBundle, latents: torch.Tensor, decoder: torch.nn.Module | None = None
+    ) -> list[Image.Image]:
+        """Cheap RGB previews of diffusion latents [B, C, h, w] at image size: through a TAESD
+        ``decoder`` if given, else the family's linear latent->RGB approximation (enlarged)."""
+        if decoder is not None:
+            rgb = decoder.preview(latents.to(self.device, torch.float32))
+            return [Image.fromarray(np.ascontiguousarray(a.numpy()), "RGB") for a in rgb]
+        scale = vae_factor(bundle)
+        return [latent_to_preview_image(x, bundle.family.latent, scale=scale) for x in latents]

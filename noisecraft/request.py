@@ -1,0 +1,272 @@
+"""What the engine takes and gives back: a frozen :class:`GenerationRequest`, progress events,
+the cancel token, and :class:`GenerationResult`.
+
+Every front door (``generate_image``, the CLI, graph nodes, server workers) builds a request and
+hands it to :meth:`noisecraft.engine.Engine.generate`.  The request is plain data: it can be
+compared, stored as JSON settings (:meth:`GenerationRequest.settings`) and rebuilt from them
+(:meth:`GenerationRequest.from_settings`), which is how ``noisecraft generate --from`` works.
+
+Sizes: width and height must be multiples of 8 (the VAE's downscale factor).  Other values are
+refused, never silently rounded, and the error names the two nearest valid sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from PIL import Image
+
+from noisecraft import __version__
+
+ImageInput = str | os.PathLike | Image.Image
+"""An input image: a file path or a PIL image (validated by :mod:`noisecraft.images`)."""
+
+SIZE_MULTIPLE = 8
+HIRES_UPSCALERS = ("latent", "image")
+OUTPAINT_FILLS = ("edge", "mean")
+
+
+class InputError(ValueError):
+    """Bad user input (size, image, mask, names): the CLI exits with code 2 on it."""
+
+
+class Interrupted(RuntimeError):
+    """Raised when a :class:`CancelToken` is cancelled; no partial images are returned.
+
+    ``step`` steps of ``total`` (of the current stage) had finished.
+    """
+
+    def __init__(self, step: int, total: int, stage: str = "sample"):
+        super().__init__(f"generation interrupted after step {step} of {total} ({stage})")
+        self.step, self.total, self.stage = step, total, stage
+
+
+class CancelToken:
+    """Interruption flowing in: call :meth:`cancel` from any thread; the engine checks it
+    before it starts and after every sampler step, and raises :class:`Interrupted`."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Progress flowing out, once per sampler step.
+
+    ``stage`` is ``"sample"`` (the main pass) or ``"hires"`` (the second pass of hires fix);
+    ``step`` counts from 1 to ``total`` within the stage.  ``x`` is the state after the step and
+    ``x0`` the model's clean estimate, both diffusion latents [B, C, h, w] (decode them with
+    :meth:`noisecraft.engine.Engine.preview`).
+    """
+
+    stage: str
+    step: int
+    total: int
+    sigma: float
+    sigma_next: float
+    x: torch.Tensor
+    x0: torch.Tensor
+
+
+def check_size(value: int, name: str) -> int:
+    """Refuse a size that is not a positive multiple of 8, naming the nearest valid ones."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < SIZE_MULTIPLE:
+        raise InputError(f"{name} must be a whole number >= {SIZE_MULTIPLE}, got {value!r}")
+    if value % SIZE_MULTIPLE:
+        lo = value - value % SIZE_MULTIPLE
+        hi = lo + SIZE_MULTIPLE
+        raise InputError(
+            f"{name}={value} is not a multiple of {SIZE_MULTIPLE}; nearest valid sizes: "
+            f"{lo} or {hi}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation job.  See :func:`noisecraft.api.generate_image` for each field.
+
+    Task selection: ``init_image`` set -> img2img; plus ``mask`` -> inpainting; ``outpaint``
+    (left, top, right, bottom pixels) non-zero -> outpainting of ``init_image``;
+    ``hires_scale > 1`` -> a second, img2img pass at the larger size (hires fix).
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    model: str | None = None
+    steps: int = 20
+    cfg_scale: float = 7.0
+    guidance_rescale: float = 0.0
+    seed: int | None = None
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    clip_skip: int | None = None
+    init_image: ImageInput | None = None
+    strength: float = 0.75
+    mask: ImageInput | None = None
+    mask_blur: int = 4
+    mask_grow: int = 0
+    outpaint: tuple[int, int, int, int] = (0, 0, 0, 0)
+    outpaint_fill: str = "edge"
+    hires_scale: float = 1.0
+    hires_upscale: str = "latent"
+    hires_steps: int | None = None
+    hires_strength: float = 0.5
+    eta: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise InputError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise InputError(f"steps must be a whole number >= 1, got {self.steps!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch_size must be a whole number >= 1, got {self.batch_size!r}")
+        if self.cfg_scale < 0:
+            raise InputError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise InputError(f"guidance_rescale must lie in [0, 1], got {self.guidance_rescale}")
+        if self.seed is not None and not 0 <= int(self.seed) < 2**63:
+            raise InputError(f"seed must lie in [0, 2**63), got {self.seed}")
+        for name in ("width", "height"):
+            if getattr(self, name) is not None:
+                check_size(getattr(self, name), name)
+        if not 0.0 < self.strength <= 1.0:
+            raise InputError(f"strength must lie in (0, 1], got {self.strength}")
+        if not 0.0 < self.hires_strength <= 1.0:
+            raise InputError(f"hires_strength must lie in (0, 1], got {self.hires_strength}")
+        if self.mask is not None and self.init_image is None:
+            raise InputError("a mask needs an init_image to inpaint")
+        outpaint = tuple(int(v) for v in self.outpaint)
+        if len(outpaint) != 4 or any(v < 0 for v in outpaint):
+            raise InputError(
+                f"outpaint must be 4 pixel counts >= 0 (left, top, right, bottom), got {outpaint}"
+            )
+        object.__setattr__(self, "outpaint", outpaint)
+        for side, v in zip(("left", "top", "right", "bottom"), outpaint, strict=True):
+            if v % SIZE_MULTIPLE:
+                raise InputError(
+                    f"outpaint {side}={v} is not a multiple of {SIZE_MULTIPLE}; nearest valid: "
+                    f"{v - v % SIZE_MULTIPLE} or {v - v % SIZE_MULTIPLE + SIZE_MULTIPLE}"
+                )
+        if any(outpaint) and self.init_image is None:
+            raise InputError("outpaint needs an init_image to extend")
+        if any(outpaint) and self.mask is not None:
+            raise InputError("outpaint builds its own mask; do not pass mask with outpaint")
+        if self.outpaint_fill not in OUTPAINT_FILLS:
+            raise InputError(
+                f"unknown outpaint_fill {self.outpaint_fill!r}; choose one of: "
+                f"{', '.join(OUTPAINT_FILLS)}"
+            )
+        if self.mask_blur < 0:
+            raise InputError(f"mask_blur must be >= 0 pixels, got {self.mask_blur}")
+        if self.hires_scale < 1.0:
+            raise InputError(f"hires_scale must be >= 1 (1 = off), got {self.hires_scale}")
+        if self.hires_upscale not in HIRES_UPSCALERS:
+            raise InputError(
+                f"unknown hires_upscale {self.hires_upscale!r}; choose one of: "
+                f"{', '.join(HIRES_UPSCALERS)}"
+            )
+        if self.hires_scale > 1 and self.init_image is not None:
+            raise InputError("hires fix (hires_scale > 1) is for txt2img; drop init_image or "
+                             "set hires_scale to 1")
+        if self.hires_steps is not None and self.hires_steps < 1:
+            raise InputError(f"hires_steps must be >= 1, got {self.hires_steps}")
+
+    @property
+    def task(self) -> str:
+        """``txt2img``, ``img2img``, ``inpaint`` or ``outpaint``."""
+        if self.init_image is None:
+            return "txt2img"
+        if any(self.outpaint):
+            return "outpaint"
+        return "inpaint" if self.mask is not None else "img2img"
+
+    def with_seed(self, seed: int) -> GenerationRequest:
+        return replace(self, seed=seed)
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-ready settings (images as their paths; in-memory images as ``"<image>"``)."""
+        out = asdict(self)
+        for name in ("init_image", "mask"):
+            value = getattr(self, name)
+            if isinstance(value, Image.Image):
+                out[name] = "<image>"
+            elif value is not None:
+                out[name] = os.fspath(value)
+        out["outpaint"] = list(self.outpaint)
+        return out
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], **overrides: Any) -> GenerationRequest:
+        """Rebuild a request from :meth:`settings` (extra keys, e.g. ``model_hash``, ignored)."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in settings.items() if k in names}
+        kwargs.update(overrides)
+        for name in ("init_image", "mask"):
+            if kwargs.get(name) == "<image>":
+                raise InputError(
+                    f"these settings were made from an in-memory {name}; pass the image again"
+                )
+        if "outpaint" in kwargs:
+            kwargs["outpaint"] = tuple(kwargs["outpaint"])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One output image with the seed it came from and its full settings (PNG metadata)."""
+
+    image: Image.Image
+    seed: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What :meth:`Engine.generate` returns: the images (batch order; image i used seed+i),
+    the final diffusion latents [B, C, h, w], and the request with its seed filled in."""
+
+    images: tuple[GeneratedImage, ...]
+    latents: torch.Tensor
+    request: GenerationRequest
+
+    @property
+    def pil_images(self) -> list[Image.Image]:
+        return [g.image for g in self.images]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [g.seed for g in self.images]
+
+    @property
+    def seed(self) -> int:
+        return self.images[0].seed
+
+
+def image_settings(
+    request: GenerationRequest, seed: int, width: int, height: int, model_name: str,
+    model_hash: str | None,
+) -> dict[str, Any]:
+    """The settings one output image carries: the request with this image's seed, batch 1,
+    the resolved first-pass size (as AUTOMATIC1111's ``Size``: before hires fix or outpainting
+    enlarge it), the model's name and hash, and the noisecraft version."""
+    out = request.settings()
+    out.update(
+        seed=seed, batch_size=1, width=width, height=height, model_name=model_name,
+        model_hash=model_hash, version=__version__,
+    )
+    return out
