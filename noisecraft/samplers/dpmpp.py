@@ -261,7 +261,7 @@ def sample_dpmpp_2m_sde(
         else:
             h = _lam(s[i + 1]) - _lam(s[i])
             x, h_eta = _sde_base(x, s[i], s[i + 1], x0, eta)
-            if x0_prev is not None and h_prev:  # (no correction next to a zero-length step)
+            if x0_prev is not None and h and h_prev:  # none next to a zero-length step
                 d = (x0 - x0_prev) * (h / h_prev)  # (D_i - D_{i-1}) / r
                 if solver_type == "heun":
                     x = x + (-math.expm1(-h_eta) / (-h_eta) + 1) * d
