@@ -35,7 +35,11 @@ from tests.samplers.harness import (  # noqa: F401
     single_thread,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
+    # diffusers' LMS integrates with scipy on torch scalars: numpy __array__ copy warnings
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
 
 CASES = [
     ("euler", EulerDiscreteScheduler),
