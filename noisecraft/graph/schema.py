@@ -60,6 +60,7 @@ class Input:
     round: float | bool | None = None
     control_after_generate: bool | None = None  # None: ComfyUI's rule (INT named seed/noise_seed)
     image_upload: bool = False  # LoadImage: the editor adds an "upload" widget after this one
+    check_choices: bool = True  # False: the node's validate_inputs checks the value instead
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -196,3 +197,8 @@ class Node:
     @classmethod
     def fingerprint(cls, context: Any = None, **inputs: Any) -> Any:
         return None
+
+    @classmethod
+    def validate_inputs(cls, context: Any = None, **inputs: Any) -> dict[str, str]:
+        """Extra checks of constant inputs (ComfyUI's VALIDATE_INPUTS): {input name: problem}."""
+        return {}

@@ -123,7 +123,7 @@ def _check_value(node_id: str, spec: Input, value: Any, context: Any):
             "value_bigger_than_max", f"Value {value} bigger than max of {spec.max} "
             f"({where}; allowed {spec.min}..{spec.max})", spec.name,
             input_name=spec.name, input_config=info, received_value=value)
-    if spec.type == COMBO:
+    if spec.type == COMBO and spec.check_choices:
         choices = spec.choice_list(context)
         if value not in choices:
             shown = (f"(list of length {len(choices)})" if len(choices) > MAX_LISTED_CHOICES
@@ -193,6 +193,14 @@ def validate_node(prompt, registry: NodeRegistry, node_id: str, context: Any = N
             inputs[spec.name], err = _check_value(node_id, spec, value, context)
         if err:
             errors.append(err)
+    if not errors:
+        constants = {k: v for k, v in inputs.items() if not dag.is_link(v)}
+        problems = registry[node["class_type"]].validate_inputs(context, **constants)
+        for name, problem in problems.items():
+            errors.append(_error(
+                "custom_validation_failed", f"Custom validation failed for node {node_id} "
+                f"({schema.name}) input {name!r}: {problem}", f"{name} - {problem}",
+                input_name=name, received_value=_jsonable(inputs.get(name))))
     return errors
 
 
