@@ -62,7 +62,7 @@ def toy(
     data: Annotated[str, typer.Option(help="spiral | moons | eight (1-D, all 8s).")] = "moons",
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 50,
     sampler: Annotated[str, typer.Option(help="See `noisecraft samplers`.")] = "euler",
-    train_steps: Annotated[int, typer.Option(help="Training steps of the MLP.")] = 3000,
+    train_steps: Annotated[int, typer.Option(help="Training steps of the MLP.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of data, weights and sampling.")] = 0,
     out: Annotated[Path, typer.Option("-o", "--out", help="Picture PNG to write.")] = Path(
         "toy.png"
@@ -80,6 +80,152 @@ def toy(
         f"trained in {r.train_seconds:.1f}s (loss {r.final_loss:.3f}); sample mean [{mean}], "
         f"mean distance to nearest data point {r.nn_distance:.3f}; wrote {r.path}"
     )
+
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _parse_outpaint(text: str | None) -> tuple[int, int, int, int]:
+    if not text:
+        return (0, 0, 0, 0)
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 4
+    if len(values) != 4:
+        raise typer.BadParameter(
+            f"--outpaint takes N or LEFT,TOP,RIGHT,BOTTOM pixel counts, got {text!r}"
+        )
+    return tuple(values)
+
+
+def _output_paths(out: Path, n: int) -> list[Path]:
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+class _Progress:
+    """tqdm bar per stage (step, it/s, ETA), GIF frames and live previews from step events."""
+
+    def __init__(self, engine, bundle, gif: Path | None, preview: Path | None, taesd):
+        self.engine, self.bundle, self.gif, self.preview_dir = engine, bundle, gif, preview
+        self.decoder = engine.preview_decoder(taesd) if taesd else None
+        self.frames: list = []
+        self.bar, self.stage = None, None
+
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
+
+        if event.stage != self.stage:
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(total=event.total, desc=event.stage, unit="step")
+        self.bar.update(1)
+        if self.gif is None and self.preview_dir is None:
+            return
+        frame = self.engine.preview(self.bundle, event.x0[:1], self.decoder)[0]
+        if self.gif is not None:
+            self.frames.append(frame)
+        if self.preview_dir is not None:
+            from noisecraft.metadata import save_png
+
+            save_png(frame, self.preview_dir / "preview.png", None)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def write_gif(self) -> None:
+        if self.gif is not None and self.frames:
+            self.gif.parent.mkdir(parents=True, exist_ok=True)
+            self.frames[0].save(self.gif, save_all=True, append_images=self.frames[1:],
+                                duration=120, loop=0)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def generate(
+    ctx: typer.Context,
+    prompt: Annotated[str | None, typer.Argument(help="The prompt (weighting syntax ok).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .png")] = Path("out.png"),
+    negative: Annotated[str, typer.Option("--negative", "-n", help="Negative prompt.")] = "",
+    model: Annotated[str | None, typer.Option("--model", "-m",
+                                              help="Checkpoint path (default: built-in).")] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
+    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 7.0,
+    seed: Annotated[int | None, typer.Option(help="Seed (random if omitted).")] = None,
+    sampler: Annotated[str, typer.Option(help="Sampler name (noisecraft samplers).")] = "euler",
+    scheduler: Annotated[str, typer.Option(help="Spacing / scheduler name.")] = "normal",
+    width: Annotated[int | None, typer.Option("--width", "-W", help="Multiple of 8.")] = None,
+    height: Annotated[int | None, typer.Option("--height", "-H", help="Multiple of 8.")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Images (seeds seed..seed+n-1).")] = 1,
+    init: Annotated[Path | None, typer.Option("--init", help="Init image (img2img).")] = None,
+    strength: Annotated[float, typer.Option(help="img2img / inpaint denoising strength.")] = 0.75,
+    mask: Annotated[Path | None, typer.Option(help="Inpainting mask (white = repaint).")] = None,
+    mask_blur: Annotated[int, typer.Option(help="Mask blur, pixels.")] = 4,
+    mask_grow: Annotated[int, typer.Option(help="Mask grow (<0 shrink), pixels.")] = 0,
+    outpaint: Annotated[str | None, typer.Option(help="N or LEFT,TOP,RIGHT,BOTTOM px.")] = None,
+    hires_scale: Annotated[float, typer.Option(help="Hires fix factor (1 = off).")] = 1.0,
+    hires_upscale: Annotated[str, typer.Option(help="latent or image.")] = "latent",
+    hires_steps: Annotated[int | None, typer.Option(help="Hires pass steps.")] = None,
+    hires_strength: Annotated[float, typer.Option(help="Hires pass strength.")] = 0.5,
+    clip_skip: Annotated[int | None, typer.Option(help="1 = last layer.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    gif: Annotated[Path | None, typer.Option(help="Write the denoising animation.")] = None,
+    preview: Annotated[Path | None, typer.Option(help="Folder for live preview.png.")] = None,
+    taesd: Annotated[Path | None, typer.Option(help="TAESD decoder for previews.")] = None,
+    from_image: Annotated[Path | None, typer.Option(
+        "--from", help="Re-create an image from its metadata (other flags but -o, -m ignored).")
+    ] = None,
+) -> None:
+    """Generate images: txt2img, img2img (--init), inpaint (--mask), outpaint, hires fix."""
+    import torch
+
+    from noisecraft.engine import Engine
+    from noisecraft.metadata import read_settings, save_png
+    from noisecraft.request import GenerationRequest, InputError
+
+    try:
+        if output.suffix.lower() != ".png":
+            raise InputError(f"-o must name a .png file (it carries the settings), got {output}")
+        if dtype not in _DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
+        if from_image is not None:
+            settings = read_settings(from_image)
+            overrides = {"model": model} if model is not None else {}
+            request = GenerationRequest.from_settings(settings, **overrides)
+        elif prompt is None:
+            raise InputError("give a PROMPT, or --from IMAGE.png")
+        else:
+            request = GenerationRequest(
+                prompt=prompt, negative_prompt=negative, model=model, steps=steps,
+                cfg_scale=cfg, seed=seed, sampler=sampler, scheduler=scheduler, width=width,
+                height=height, batch_size=batch, clip_skip=clip_skip, init_image=init,
+                strength=strength, mask=mask, mask_blur=mask_blur, mask_grow=mask_grow,
+                outpaint=_parse_outpaint(outpaint), hires_scale=hires_scale,
+                hires_upscale=hires_upscale, hires_steps=hires_steps,
+                hires_strength=hires_strength,
+            )
+        engine = (ctx.obj or {}).get("engine") or Engine(
+            device=device, dtype=getattr(torch, _DTYPES[dtype]))
+        progress = _Progress(engine, engine.model(request.model), gif, preview, taesd)
+        try:
+            result = engine.generate(request, callback=progress)
+        finally:
+            progress.close()
+    except (ValueError, FileNotFoundError, typer.BadParameter) as e:
+        _fail(str(e))
+    for path, item in zip(_output_paths(output, len(result.images)), result.images, strict=True):
+        save_png(item.image, path, item.settings)
+        typer.echo(f"{path}  seed {item.seed}")
+    progress.write_gif()
 
 
 def main() -> None:

@@ -89,8 +89,8 @@ class ToyConfig:
 
     hidden: int = 128
     depth: int = 3
-    batch_size: int = 256
-    lr: float = 2e-3
+    batch_size: int = 512
+    lr: float = 3e-3
     num_data: int = 4096
     schedule: str = "linear"
     num_timesteps: int = 1000
@@ -120,7 +120,7 @@ class ToyModel:
 
 
 def train_toy(
-    data: str = "moons", steps: int = 3000, seed: int = 0, config: ToyConfig = ToyConfig()
+    data: str = "moons", steps: int = 2000, seed: int = 0, config: ToyConfig = ToyConfig()
 ) -> ToyModel:
     """Train an eps-prediction MLP on the named data set for ``steps`` Adam steps.
 

@@ -16,7 +16,8 @@ from noisecraft.toy import (
     train_toy,
 )
 
-FAST = ToyConfig(hidden=64, lr=5e-3)  # a few hundred steps of this train in seconds
+# a few hundred steps of this train in seconds
+FAST = ToyConfig(hidden=64, lr=5e-3, batch_size=256)
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ def write_toy_figure(
     out: str | Path = "toy.png",
     sampler: str = "euler",
     steps: int = 50,
-    train_steps: int = 3000,
+    train_steps: int = 2000,
     seed: int = 0,
     n: int = 1000,
     n_paths: int = 12,
