@@ -175,17 +175,29 @@ def parse_parameters(text: str) -> dict[str, Any]:
     return out
 
 
-def png_info(image: Image.Image, settings: Mapping[str, Any]) -> PngImagePlugin.PngInfo:
+def png_info(
+    settings: Mapping[str, Any] | None, extra_text: Mapping[str, str] | None = None
+) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    info.add_itxt(PARAMETERS_KEY, format_parameters(settings))
-    info.add_itxt(SETTINGS_KEY, json.dumps(dict(settings), sort_keys=True))
+    if settings:
+        info.add_itxt(PARAMETERS_KEY, format_parameters(settings))
+        info.add_itxt(SETTINGS_KEY, json.dumps(dict(settings), sort_keys=True))
+    for key, value in (extra_text or {}).items():
+        info.add_itxt(key, value)
     return info
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, settings: Mapping[str, Any] | None):
+def save_png(
+    image: Image.Image,
+    path: str | os.PathLike,
+    settings: Mapping[str, Any] | None,
+    *,
+    extra_text: Mapping[str, str] | None = None,
+):
     """Write a PNG atomically (temporary file in the same folder, then rename).
 
-    An interrupted run never leaves a half-written image under ``path``.
+    An interrupted run never leaves a half-written image under ``path``.  ``extra_text`` adds
+    further text chunks (e.g. ComfyUI's ``prompt`` and ``workflow`` JSON).
     """
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -194,7 +206,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, settings: Mapping[str,
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=png_info(image, settings) if settings else None)
+            image.save(f, format="PNG", pnginfo=png_info(settings, extra_text))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -82,3 +82,10 @@ def test_read_settings_errors(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read"):
         read_settings(tmp_path / "bad.png")
+
+
+def test_extra_text_chunks(tmp_path):
+    path = save_png(Image.new("RGB", (4, 4)), tmp_path / "w.png", None,
+                    extra_text={"prompt": '{"3": {}}', "workflow": "{}"})
+    with Image.open(path) as im:
+        assert im.text == {"prompt": '{"3": {}}', "workflow": "{}"}
