@@ -1,0 +1,124 @@
+"""The built-in default model: a small latent text-to-image model trained on procedural shapes.
+
+It uses the same U-Net, VAE and CLIP text-encoder code as the Stable Diffusion families, at
+small widths, and produces 128 x 128 images.  Two stages, each resumable from its last
+checkpoint (see ``docs/default_model.md`` for the command, times and results):
+
+1. ``vae`` - an AutoencoderKL with a 4x downscale (128 x 128 x 3 -> 32 x 32 x 4), widths
+   32-64, trained with L1 + L2 + a small KL on 64 x 64 crops (``vae_trainer.py``); its latent
+   scaling factor is measured from its latents (1 / std) at the end.
+2. ``diffusion`` - a CLIP-architecture text encoder (width 128, 3 layers, CLIP's full 49,408
+   token vocabulary) trained jointly with a U-Net (model_channels 64, 3 levels, cross-attention
+   at the two lower-resolution levels), eps-prediction on SD's scaled-linear schedule, in the
+   latent space of the frozen stage-1 VAE (``trainer.py``).
+
+:func:`run_unfinished` runs whichever stage is not finished, continuing from its newest
+checkpoint: run it again (``scripts/train_default_model.sh``) after any interruption.
+:func:`export_default_model` writes the shipped file (float16, at most 40 MB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from noisecraft.models.text_config import TextEncoderConfig
+from noisecraft.models.unet_configs import UNetConfig
+from noisecraft.models.vae import VAEConfig
+from noisecraft.training.runtime import DataConfig, OptimConfig, RunConfig
+from noisecraft.training.vae_trainer import VAE_FILE, VAETrainConfig
+
+DATA_SEED = 0
+RESOLUTION = 128
+SHAPES_COUNT = 200_000
+"""Distinct training images (rendered on the fly); far more than the stages consume, so the
+model never sees an image twice."""
+
+VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=RESOLUTION)
+"""Widths 32, 64, 64; 4x downscale; mid-block attention; 0.95 M parameters."""
+
+TEXT = TextEncoderConfig(width=128, layers=3, heads=2, mlp_width=512, activation="gelu")
+"""6.9 M parameters, 6.3 M of them the 49,408 x 128 token embedding."""
+
+UNET = UNetConfig(
+    in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 2),
+    num_res_blocks=(1, 1, 1), transformer_depth=(0, 1, 1), transformer_depth_middle=1,
+    num_heads=None, head_dim=32, context_dim=TEXT.width, use_linear_in_transformer=True,
+)
+"""Levels at 32, 16 and 8 latent pixels; cross-attention at 16 and 8 and in the middle."""
+
+VAE_STEPS = 2000
+DIFFUSION_STEPS = 4000
+STAGES = ("vae", "diffusion")
+
+
+def vae_stage(root: Path) -> VAETrainConfig:
+    return VAETrainConfig(
+        vae=VAE,
+        data=DataConfig(source="shapes", resolution=RESOLUTION, random_flip=True,
+                        caption_dropout=0.0, shapes_count=SHAPES_COUNT, seed=DATA_SEED),
+        crop=64,
+        optim=OptimConfig(lr=2e-4, batch_size=8, warmup_steps=100, weight_decay=0.0,
+                          ema_decay=None, precision="auto"),
+        run=RunConfig(out_dir=Path(root) / "vae", steps=VAE_STEPS, seed=DATA_SEED,
+                      checkpoint_every=100, sample_every=0, log_every=10),
+        scale_images=512,
+    )
+
+
+def diffusion_stage(root: Path):
+    """The stage-2 config; needs the finished stage-1 VAE file."""
+    from noisecraft.training.trainer import ModelConfig, ObjectiveConfig, SampleConfig, TrainConfig
+
+    root = Path(root)
+    return TrainConfig(
+        data=DataConfig(source="shapes", resolution=RESOLUTION, random_flip=True,
+                        caption_dropout=0.1, shapes_count=SHAPES_COUNT, seed=DATA_SEED + 1),
+        model=ModelConfig(unet=UNET, text=TEXT, train_text_encoder=True,
+                          vae_file=root / "vae" / VAE_FILE, family_name="noisecraft-shapes"),
+        objective=ObjectiveConfig(prediction="eps", min_snr_gamma=5.0),
+        optim=OptimConfig(lr=3e-4, batch_size=32, warmup_steps=200, weight_decay=0.01,
+                          ema_decay=0.999, precision="auto"),
+        run=RunConfig(out_dir=root / "diffusion", steps=DIFFUSION_STEPS, seed=DATA_SEED,
+                      checkpoint_every=50, sample_every=500, log_every=10),
+        samples=SampleConfig(),
+    )
+
+
+def stage_done(root: Path, stage: str) -> bool:
+    root = Path(root)
+    if stage == "vae":
+        return (root / "vae" / VAE_FILE).exists()
+    if stage == "diffusion":
+        from noisecraft.training.trainer import MODEL_FILE
+
+        return (root / "diffusion" / MODEL_FILE).exists()
+    raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
+
+
+def run_unfinished(root: str | Path = "runs/default", *, stop_after: int | None = None) -> str:
+    """Run (resume) every unfinished stage in order; returns the last stage run or "done".
+
+    ``stop_after`` ends each stage invocation after that many steps (with a checkpoint).
+    """
+    root = Path(root)
+    last = "done"
+    for stage in STAGES:
+        if stage_done(root, stage):
+            continue
+        last = stage
+        if stage == "vae":
+            from noisecraft.training.vae_trainer import train_vae
+
+            cfg = vae_stage(root)
+            result = train_vae(replace(cfg, run=replace(cfg.run, stop_after=stop_after)))
+            print(f"vae: step {result.step}, scaling factor {result.scaling_factor}", flush=True)
+        else:
+            from noisecraft.training.trainer import train
+
+            cfg = diffusion_stage(root)
+            result = train(replace(cfg, run=replace(cfg.run, stop_after=stop_after)))
+            print(f"diffusion: step {result.step}", flush=True)
+        if not stage_done(root, stage):
+            return stage
+    return last

@@ -1,0 +1,81 @@
+"""VAE trainer: the loss falls, resume is exact, the file loads with its scaling factor."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from noisecraft.models.vae import TINY_VAE
+from noisecraft.training.runtime import DataConfig, OptimConfig, RunConfig
+from noisecraft.training.state import read_metadata
+from noisecraft.training.vae_trainer import (
+    VAETrainConfig,
+    load_vae_file,
+    random_crops,
+    train_vae,
+)
+
+
+def _config(out: Path, steps: int, stop_after: int | None = None, lr: float = 2e-3):
+    return VAETrainConfig(
+        vae=TINY_VAE,
+        data=DataConfig(resolution=32, shapes_count=16, caption_dropout=0.0),
+        crop=16,
+        optim=OptimConfig(lr=lr, batch_size=4, ema_decay=0.9, precision="fp32"),
+        run=RunConfig(out_dir=out, steps=steps, checkpoint_every=2, log_every=1,
+                      stop_after=stop_after),
+        scale_images=8,
+    )
+
+
+def test_loss_falls_and_file_loads(tmp_path):
+    base = _config(tmp_path, 12, lr=3e-3)
+    data = replace(base.data, shapes_count=4, random_flip=False)  # the same 4 images each step
+    result = train_vae(replace(base, data=data, crop=None), progress=lambda event: None)
+    assert result.finished and result.step == 12
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < 0.9 * first
+    vae, scale = load_vae_file(result.model_path)
+    assert scale == pytest.approx(result.scaling_factor) and scale > 0
+    assert read_metadata(result.model_path)["noisecraft.vae_config"]["ch"] == TINY_VAE.ch
+    keys = load_file(str(result.model_path))
+    assert all(k.startswith("first_stage_model.") for k in keys)
+    assert vae.decode(torch.zeros(1, 4, 4, 4)).shape == (1, 3, 8, 8)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    whole = train_vae(_config(tmp_path / "a", 5), progress=lambda e: None)
+    part = train_vae(_config(tmp_path / "b", 5, stop_after=3), progress=lambda e: None)
+    assert not part.finished and part.step == 3 and part.scaling_factor is None
+    rest = train_vae(_config(tmp_path / "b", 5), progress=lambda e: None)
+    assert rest.losses == whole.losses[3:]
+    a, b = load_file(str(whole.model_path)), load_file(str(rest.model_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = load_file(str(tmp_path / "a/checkpoints/step_00000005/state.safetensors"))
+    sb = load_file(str(tmp_path / "b/checkpoints/step_00000005/state.safetensors"))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert (tmp_path / "a/metrics.csv").read_text() == (tmp_path / "b/metrics.csv").read_text()
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    train_vae(_config(tmp_path, 2), progress=lambda e: None)
+    with pytest.raises(ValueError, match="optim.lr"):
+        train_vae(_config(tmp_path, 4, lr=1e-3), progress=lambda e: None)
+
+
+def test_random_crops_are_windows_of_the_image():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    crops = random_crops(x, 4, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 3, 4, 4)
+    for img, crop in zip(x, crops, strict=True):
+        top, left = divmod(int(crop[0, 0, 0] - img[0, 0, 0]), 8)
+        assert torch.equal(crop, img[:, top : top + 4, left : left + 4])
+
+
+def test_crop_must_fit_the_downscale():
+    with pytest.raises(ValueError, match="multiple of the VAE's downscale factor"):
+        VAETrainConfig(vae=TINY_VAE, data=DataConfig(resolution=32), crop=15)
