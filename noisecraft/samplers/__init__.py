@@ -14,10 +14,10 @@ from noisecraft.samplers.basic import SAMPLERS as _BASIC
 from noisecraft.samplers.common import NoiseSource, Step, StepCallback, gaussian_noise
 from noisecraft.samplers.discrete import SAMPLERS as _DISCRETE
 from noisecraft.samplers.dpmpp import SAMPLERS as _DPMPP
+from noisecraft.samplers.noise import default_noise
 from noisecraft.samplers.unipc import SAMPLERS as _UNIPC
 
-SAMPLERS = {**_BASIC, **_DISCRETE}
-SAMPLERS = {**SAMPLERS, **_DPMPP, **_UNIPC}
+SAMPLERS = {**_BASIC, **_DISCRETE, **_DPMPP, **_UNIPC}
 
 __all__ = ["SAMPLERS", "Step", "gaussian_noise", "sample", "sampler_names"]
 
@@ -63,5 +63,5 @@ def sample(
             f"end_step={end_step}"
         )
     if noise is None:
-        noise = gaussian_noise(x, generator)
+        noise = default_noise(sampler, x, sigmas[start_step : end + 1], generator)
     return fn(denoiser, x, sigmas[start_step : end + 1], callback=callback, noise=noise, **options)
