@@ -228,6 +228,103 @@ def generate(
     progress.write_gif()
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (ComfyUI's default 8188).")] = 8188,
+    data_dir: Annotated[Path, typer.Option(help="Queue, inputs, outputs and models.")] = Path(
+        "noisecraft-data"
+    ),
+    api_auth: Annotated[str | None, typer.Option(help="HTTP Basic USER:PASSWORD.")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Key for 'Authorization: Bearer'.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow non-local listening without auth.")] = (
+        False
+    ),
+    cors_allow: Annotated[
+        list[str] | None, typer.Option(help="Allowed CORS origin (repeatable); none by default.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes to start (0: none).")] = 1,
+    device: Annotated[str | None, typer.Option(help="Workers' device (cpu, cuda).")] = None,
+    lease_seconds: Annotated[float, typer.Option(help="Job lease; renewed while running.")] = (
+        30.0
+    ),
+    web_dir: Annotated[Path | None, typer.Option(help="Static web UI folder, served at /.")] = (
+        None
+    ),
+) -> None:
+    """Serve the ComfyUI and AUTOMATIC1111 APIs; workers run the jobs."""
+    from noisecraft.server.config import Auth, ConfigError, QueueConfig, ServerConfig
+
+    try:
+        config = ServerConfig(
+            host=host, port=port, data_dir=data_dir, auth=Auth.parse(api_auth, api_key),
+            insecure=insecure, cors_allow=tuple(cors_allow or ()), workers=workers,
+            device=device, queue=QueueConfig(lease_seconds=lease_seconds), web_dir=web_dir,
+        ).check()
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from None
+    from noisecraft.server.app import serve as run_server
+
+    run_server(config)
+
+
+@app.command()
+def worker(
+    data_dir: Annotated[Path, typer.Option(help="The server's data folder.")] = Path(
+        "noisecraft-data"
+    ),
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    lease_seconds: Annotated[float, typer.Option(help="Job lease; renewed while running.")] = (
+        30.0
+    ),
+    poll_seconds: Annotated[float, typer.Option(help="Idle wait between queue polls.")] = 0.2,
+    max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.")] = None,
+) -> None:
+    """Run jobs from a server's queue (the server starts these; run more on other machines
+    that share the data folder)."""
+    from noisecraft.server.config import QueueConfig, WorkerConfig
+    from noisecraft.server.worker import run_worker_process
+
+    config = WorkerConfig(data_dir=data_dir, device=device, max_jobs=max_jobs,
+                          queue=QueueConfig(lease_seconds=lease_seconds,
+                                            poll_seconds=poll_seconds))
+    run_worker_process(config)
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Argument(help="Image folder with captions, or 'shapes'.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")],
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Images per step and process.")] = 8,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    resolution: Annotated[int, typer.Option(help="Training image size.")] = 128,
+    objective: Annotated[str, typer.Option(help="eps or v.")] = "eps",
+    min_snr: Annotated[float | None, typer.Option(help="Min-SNR gamma (e.g. 5).")] = None,
+    ema: Annotated[float | None, typer.Option(help="EMA decay (e.g. 0.999).")] = 0.999,
+    vae: Annotated[Path | None, typer.Option(help="Trained VAE file (latent space).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of weights, noise and data order.")] = 0,
+) -> None:
+    """Train the default text-to-image architecture on captioned images (DDP under torchrun)."""
+    from noisecraft.training import default_model as dm
+    from noisecraft.training import trainer as t
+    from noisecraft.training.datasets import DatasetError
+
+    try:
+        config = t.TrainConfig(
+            model=dm.model_config(vae),
+            data=t.DataConfig(source=data, resolution=resolution, seed=seed),
+            objective=t.ObjectiveConfig(prediction=objective, min_snr_gamma=min_snr),
+            optim=t.OptimConfig(lr=lr, batch_size=batch_size, ema_decay=ema),
+            run=t.RunConfig(out_dir=out, steps=steps, seed=seed, resume=resume),
+        )
+        result = t.train(config)
+    except (DatasetError, ValueError, FileExistsError) as e:
+        _fail(str(e))
+    typer.echo(f"step {result.step}: {result.model_path or 'unfinished; run again to resume'}")
+
+
 def main() -> None:
     app()
 
