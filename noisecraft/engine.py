@@ -29,7 +29,13 @@ from PIL import Image
 from noisecraft.images import tensor_to_images
 from noisecraft.models.family import ModelBundle
 from noisecraft.models.latent_formats import latent_to_preview_image
-from noisecraft.pipelines.common import ProgressCallback, Run, generators_for, vae_factor
+from noisecraft.pipelines.common import (
+    ProgressCallback,
+    Run,
+    check_sampler,
+    generators_for,
+    vae_factor,
+)
 from noisecraft.pipelines.generate import run_request
 from noisecraft.request import (
     CancelToken,
@@ -39,6 +45,7 @@ from noisecraft.request import (
     InputError,
     image_settings,
 )
+from noisecraft.schedules import SPACINGS
 
 DEFAULT_MODEL_PATH = Path(__file__).parent / "weights" / "default.safetensors"
 SEED_RANGE = 2**32
@@ -218,6 +225,10 @@ class Engine:
         Raises :class:`~noisecraft.request.Interrupted` when ``cancel`` is cancelled and
         :class:`~noisecraft.request.InputError` on bad input.
         """
+        check_sampler(request.sampler)
+        if request.scheduler not in SPACINGS:
+            raise InputError(f"unknown scheduler (spacing) {request.scheduler!r}; choose one "
+                             f"of: {', '.join(SPACINGS)}")
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_RANGE)
         request = request.with_seed(int(seed))
         bundle = self.model(request.model)

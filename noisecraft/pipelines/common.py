@@ -6,7 +6,8 @@ Seeds (the convention diffusers, ComfyUI and AUTOMATIC1111 share): image i of a 
 .manual_seed(seed + i))`` with ``shape = [1, C, H/8, W/8]``, drawn in float32 on the CPU and then
 moved to the device, so a seed gives the same noise on every device.  Stochastic samplers draw
 their per-step noise from the same per-image generator, continuing after the initial draw (as a
-diffusers pipeline given that generator does), so image i of a batch equals a batch-1 run with
+diffusers pipeline given that generator does) or, for the SDE samplers, from a Brownian tree
+seeded with ``seed + i`` (ComfyUI's choice); so image i of a batch equals a batch-1 run with
 seed ``seed + i``.
 
 Latents are kept in float32 between steps whatever the model's dtype; the U-Net sees its own
@@ -27,6 +28,7 @@ from noisecraft.guidance import cfg_denoiser
 from noisecraft.models.family import ModelBundle
 from noisecraft.request import CancelToken, InputError, Interrupted, ProgressEvent
 from noisecraft.samplers import Step, get_sampler, sample
+from noisecraft.samplers.noise import default_noise
 from noisecraft.schedules import spacing_sigmas
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -62,12 +64,15 @@ def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...]) -> t
                       for g in generators])
 
 
-def noise_source(generators: list[torch.Generator], like: torch.Tensor):
-    """A sampler NoiseSource drawing row i from generator i, moved to ``like``'s device."""
-    shape = tuple(like.shape[1:])
+def noise_source(generators: list[torch.Generator], x: torch.Tensor, sampler: str,
+                 sigmas: torch.Tensor):
+    """The sampler's NoiseSource for a batch: row i is ComfyUI's choice of noise for ``sampler``
+    (``samplers.noise.default_noise``) from generator i: a Brownian tree seeded with seed + i
+    for the SDE samplers, else independent draws continuing generator i."""
+    rows = [default_noise(sampler, x[i:i + 1], sigmas, g) for i, g in enumerate(generators)]
 
     def draw(sigma, sigma_next) -> torch.Tensor:
-        return seeded_noise(generators, shape).to(device=like.device, dtype=like.dtype)
+        return torch.cat([row(sigma, sigma_next) for row in rows])
 
     return draw
 
@@ -180,10 +185,10 @@ def run_sampler(
         run.check_cancel(step.i + 1, step.total, stage)
 
     options = {} if eta is None else {"eta": eta}
-    return sample(
-        sampler, denoiser, x, sigmas.to(x.device), start_step=start_step, callback=on_step,
-        noise=noise_source(run.generators, x), **options,
-    )
+    sigmas = sigmas.to(x.device)
+    noise = noise_source(run.generators, x, sampler, sigmas[start_step:])
+    return sample(sampler, denoiser, x, sigmas, start_step=start_step, callback=on_step,
+                  noise=noise, **options)
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ output depends on every input.  The VAE has 4 levels (downscale factor 8, as in 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cache
 
 import torch
 
@@ -45,3 +46,20 @@ def tiny_bundle(family: str = "sd1", *, inpaint: bool = False, seed: int = 0) ->
     for m in (text, unet, vae):
         m.eval().requires_grad_(False)
     return ModelBundle(fam, unet, vae, text, name=f"tiny-{family}", sha256=f"{seed:064x}")
+
+
+@cache
+def shared_bundle(family: str = "sd1", inpaint: bool = False) -> ModelBundle:
+    """One bundle per (family, inpaint) for the whole test session (never mutate it)."""
+    return tiny_bundle(family, inpaint=inpaint)
+
+
+def tiny_engine(*names: str):
+    """An Engine with shared bundles registered: "sd1", "sd2", "sdxl", "sd1-inpaint"."""
+    from noisecraft.engine import Engine
+
+    engine = Engine(device="cpu")
+    for name in names or ("sd1",):
+        family, _, kind = name.partition("-")
+        engine.register(name, shared_bundle(family, kind == "inpaint"))
+    return engine
