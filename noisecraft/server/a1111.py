@@ -43,7 +43,8 @@ def _get(body: dict, name: str, kind: type | tuple, default: Any = None) -> Any:
         return default
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise RequestError(f"{name} must be {names}, got {type(value).__name__} {value!r:.40}",
                            status=422)

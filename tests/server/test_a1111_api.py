@@ -1,0 +1,86 @@
+"""AUTOMATIC1111's API, driven by the published ``webuiapi`` client, unmodified."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import webuiapi
+from PIL import Image
+
+from tests.server.harness import MODEL, Server, write_tiny_model
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data = tmp_path_factory.mktemp("a1111") / "data"
+    write_tiny_model(data, tmp_path_factory.getbasetemp())
+    with Server(data) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=2)
+
+
+def test_options_and_model_list(api, server):
+    assert [m["title"] for m in api.get_sd_models()] == [MODEL]
+    api.set_options({"sd_model_checkpoint": MODEL})
+    assert api.get_options()["sd_model_checkpoint"] == MODEL
+    r = httpx.post(server.url + "/sdapi/v1/options", json={"sd_model_checkpoint": "../x.ckpt"})
+    assert r.status_code == 400 and "unknown model" in r.json()["detail"]
+    assert "Euler a" in [s["name"] for s in api.get_samplers()]
+    assert "karras" in [s["name"] for s in api.get_schedulers()]
+    assert api.get_loras() == []
+    assert api.get_progress()["state"]["job_count"] == 0
+
+
+def test_txt2img_and_png_info(api):
+    api.set_options({"sd_model_checkpoint": MODEL})
+    result = api.txt2img(prompt="a red circle", negative_prompt="blurry", seed=3, width=64,
+                         height=64, cfg_scale=5)
+    assert result.image.size == (64, 64)
+    assert result.info["all_seeds"] == [3] and result.info["sampler_name"] == "Euler a"
+    text = result.image.info["parameters"]
+    assert text.startswith("a red circle\nNegative prompt: blurry\n")
+    assert "Seed: 3" in text and "Sampler: Euler a" in text and "Size: 64x64" in text
+    info = api.png_info(result.image)
+    assert info.info == text
+    again = api.txt2img(prompt="a red circle", negative_prompt="blurry", seed=3, width=64,
+                        height=64, cfg_scale=5)
+    assert again.image.tobytes() == result.image.tobytes()
+
+
+def test_img2img_with_mask_changes_only_the_masked_area(api):
+    api.set_options({"sd_model_checkpoint": MODEL})
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    for full_res in (True, False):
+        result = api.img2img(images=[init], mask_image=mask, prompt="a blue square", seed=4,
+                             width=64, height=64, denoising_strength=0.9, mask_blur=0,
+                             inpainting_fill=1, inpaint_full_res=full_res,
+                             inpaint_full_res_padding=8)
+        out = result.image.convert("RGB")
+        assert out.size == (64, 64)
+        assert out.getpixel((2, 2)) == (200, 30, 30) or not full_res
+        assert out.getpixel((32, 32)) != (200, 30, 30)
+    plain = api.img2img(images=[init], prompt="x", seed=1, width=64, height=64,
+                        denoising_strength=0.5)
+    assert plain.image.size == (64, 64) and "Denoising strength: 0.5" in \
+        plain.image.info["parameters"]
+
+
+def test_bad_a1111_requests_are_4xx(server):
+    url = server.url + "/sdapi/v1"
+    assert httpx.post(url + "/txt2img", json={"steps": "many"}).status_code == 422
+    r = httpx.post(url + "/txt2img", json={"sampler_name": "Nope"})
+    assert r.status_code == 422 and "unknown sampler" in r.json()["detail"]
+    r = httpx.post(url + "/txt2img", json={"width": 65, "height": 64, "steps": 1})
+    assert r.status_code == 400 and "multiple of 8" in r.json()["detail"]
+    r = httpx.post(url + "/img2img", json={"init_images": ["not base64!"]})
+    assert r.status_code == 400 and "base64" in r.json()["detail"]
+    r = httpx.post(url + "/png-info", json={"image": "aGVsbG8="})
+    assert r.status_code == 400 and "not a readable image" in r.json()["detail"]
