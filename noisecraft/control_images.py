@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 _CANNY_BLUR_SIGMA = 1.0  # ComfyUI's Canny node (kornia.filters.canny): 5x5 Gaussian, sigma 1
-_SOBEL_NORM = 8.0  # kornia normalises the 3x3 Sobel kernel by 1/8; OpenCV does not
 
 
 def _check_image(image: torch.Tensor, what: str = "image") -> None:
@@ -79,9 +78,9 @@ def canny(image: torch.Tensor, low_threshold: float = 0.4,
     """Canny edges (Canny 1986) as a ControlNet control image: ``[B, 3, H, W]`` of 0.0 / 1.0.
 
     Thresholds are ComfyUI's Canny node's (defaults 0.4 and 0.8): hysteresis limits on the
-    gradient magnitude of the [0, 1] image, Sobel kernel normalised by 1/8, L2 norm, after a
-    5x5 Gaussian blur of sigma 1.  OpenCV's ``cv2.Canny`` works on 8-bit pixels with an
-    unnormalised Sobel, so the thresholds are multiplied by 255 * 8 for it.
+    gradient magnitude (3x3 Sobel, unnormalised, L2 norm) of the [0, 1] greyscale image after
+    a 5x5 Gaussian blur of sigma 1, as ``kornia.filters.canny`` which that node calls.  OpenCV's
+    ``cv2.Canny`` runs the same steps on 8-bit pixels, so the thresholds are scaled by 255.
     """
     import cv2  # opencv-python-headless; imported here so the rest needs no OpenCV
 
@@ -89,7 +88,7 @@ def canny(image: torch.Tensor, low_threshold: float = 0.4,
     if not 0 <= low_threshold <= high_threshold <= 1:
         raise ValueError(f"canny needs 0 <= low_threshold <= high_threshold <= 1, got "
                          f"{low_threshold} and {high_threshold}")
-    k = 255.0 * _SOBEL_NORM
+    k = 255.0
     edges = []
     for gray in _gray_u8(image):
         blurred = cv2.GaussianBlur(gray, (5, 5), _CANNY_BLUR_SIGMA)
