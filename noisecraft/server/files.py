@@ -36,9 +36,12 @@ def folder_path(folders: Folders, kind: str, subfolder: str, filename: str) -> P
     if not filename:
         raise RequestError("filename is required")
     relative = f"{subfolder.strip('/')}/{filename}" if subfolder else filename
+    if any(ord(ch) < 32 for ch in relative):
+        raise RequestError("file names must not contain control characters (NUL, newline, ...)",
+                           kind="unsafe_path")
     try:
         return safe_join(folders.of_type(kind), relative, what="file name")
-    except UnsafePathError as e:
+    except (UnsafePathError, ValueError) as e:
         raise RequestError(str(e), kind="unsafe_path") from None
 
 

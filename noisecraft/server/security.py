@@ -183,6 +183,8 @@ async def read_json(request: Request, what: str = "request body") -> dict[str, A
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(f"{what} nests arrays/objects too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(f"{what} must be a JSON object, got {type(data).__name__}")
     return data
