@@ -85,6 +85,16 @@ def diffusion_stage(root: Path):
     )
 
 
+def model_config(vae_file: Path | None = None):
+    """The default architecture; in the latent space of ``vae_file`` when given, else in pixel
+    space (the same U-Net with 3 input and output channels)."""
+    from noisecraft.training.trainer import ModelConfig
+
+    if vae_file is None:
+        return ModelConfig(unet=replace(UNET, in_channels=3, out_channels=3), text=TEXT)
+    return ModelConfig(unet=UNET, text=TEXT, vae_file=Path(vae_file))
+
+
 def stage_done(root: Path, stage: str) -> bool:
     root = Path(root)
     if stage == "vae":

@@ -242,3 +242,44 @@ def load_rng(path: Path, generators: Mapping[str, torch.Generator]) -> None:
             "resume with the same number of processes (torchrun --nproc_per_node) as before"
         )
     restore_rng(load_file(str(path)), read_metadata(path)["noisecraft.rng"], generators)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_trained_model(path: Path):
+    """A ``ModelBundle`` from a file written by the trainer (float32, eval mode).
+
+    The architecture comes from the ``noisecraft.*_config`` metadata; fp16-stored weights are
+    upcast.  A pixel-space model has no ``first_stage_model.*`` keys and ``vae=None``.
+    """
+    from noisecraft.models.family import Family, ModelBundle
+    from noisecraft.models.latent_formats import LatentFormat
+    from noisecraft.models.text import CLIPTextEncoder
+    from noisecraft.models.text_config import TextEncoderConfig
+    from noisecraft.models.unet import UNetModel
+    from noisecraft.models.unet_configs import UNetConfig
+    from noisecraft.models.vae import AutoencoderKL, VAEConfig
+
+    meta = read_metadata(path)
+    needed = ("noisecraft.family", "noisecraft.unet_config", "noisecraft.text_config")
+    missing = [k for k in needed if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks metadata {missing}: not a noisecraft-trained model file")
+    tensors = {k: v.float() for k, v in load_file(str(path)).items()}
+    fam = dict(meta["noisecraft.family"])
+    family = Family(**{**fam, "latent": LatentFormat(**fam["latent"])})
+    unet = UNetModel(UNetConfig(**_tuples(meta["noisecraft.unet_config"])))
+    unet.load_state_dict(split_prefix(tensors, UNET_PREFIX))
+    text = CLIPTextEncoder(TextEncoderConfig(**meta["noisecraft.text_config"]))
+    text.load_state_dict(split_prefix(tensors, TEXT_PREFIX))
+    vae = None
+    if "noisecraft.vae_config" in meta:
+        vae = AutoencoderKL(VAEConfig(**_tuples(meta["noisecraft.vae_config"])))
+        vae.load_state_dict(split_prefix(tensors, VAE_PREFIX))
+        vae.eval()
+    return ModelBundle(family, unet.eval(), vae, text.eval(), name=Path(path).stem)
+
+
+def _tuples(config: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
