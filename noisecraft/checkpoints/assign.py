@@ -102,8 +102,8 @@ def check_state_dict(
 
 
 def _is_file_mapped(f: StateDictFile) -> bool:
-    # safetensors hands out a fresh private file mapping per tensor; torch.load's tensors may
-    # share storage (tied weights), so their pages are never released.
+    # safetensors maps the file privately and hands out views that never overlap; torch.load's
+    # tensors may share storage (tied weights), so their pages are never released.
     return f.path.suffix.lower() in SAFETENSORS_SUFFIXES and sys.platform.startswith("linux")
 
 
