@@ -11,6 +11,7 @@ import torch
 
 from noisecraft.diffusion import BoundDenoiser
 from noisecraft.samplers.basic import SAMPLERS as _BASIC
+from noisecraft.samplers.cfg_pp import SAMPLERS as _CFG_PP
 from noisecraft.samplers.common import NoiseSource, Step, StepCallback, gaussian_noise
 from noisecraft.samplers.discrete import SAMPLERS as _DISCRETE
 from noisecraft.samplers.dpmpp import SAMPLERS as _DPMPP
@@ -18,6 +19,8 @@ from noisecraft.samplers.noise import default_noise
 from noisecraft.samplers.unipc import SAMPLERS as _UNIPC
 
 SAMPLERS = {**_BASIC, **_DISCRETE, **_DPMPP, **_UNIPC}
+# dpmpp_2m_cfg_pp joins once tests/samplers/test_sample_api.py lists it in MULTISTEP
+SAMPLERS = {**SAMPLERS, **{k: v for k, v in _CFG_PP.items() if k != "dpmpp_2m_cfg_pp"}}
 
 __all__ = ["SAMPLERS", "Step", "gaussian_noise", "sample", "sampler_names"]
 
