@@ -1,6 +1,6 @@
 """ControlNet against diffusers' ControlNetModel with identical random weights, through a whole
 U-Net step: diffusers' ControlNet residuals into diffusers' UNet2DConditionModel versus ours
-into ours (tiny widths, the real SD 1.x and SDXL block structures), to 1e-4.  Files written
+into ours (tiny widths, the real SD 1.x, SD 2.x and SDXL block structures), to 1e-4.  Files written
 here in the original single-file layout and as a diffusers folder load to the same numbers.
 """
 
@@ -78,7 +78,7 @@ def _inputs(config: ControlNetConfig, batch: int = 2):
     return x, hint, t, ctx, kw_ours, kw_ref
 
 
-@pytest.mark.parametrize("preset", ["tiny_sd15", "tiny_sdxl_base"])
+@pytest.mark.parametrize("preset", ["tiny_sd15", "tiny_sd2", "tiny_sdxl_base"])
 def test_controlnet_step_matches_diffusers(preset):
     config, ref_cn, cn, ref_unet, unet = _models(preset)
     x, hint, t, ctx, kw_ours, kw_ref = _inputs(config)
@@ -113,10 +113,11 @@ def test_files_in_every_layout_load_to_the_same_numbers(preset, tmp_path):
     save_file({k: v.contiguous() for k, v in diffusers_sd.items()},
               tmp_path / "diffusers_named.safetensors")
     ref_cn.save_pretrained(tmp_path / "folder")
+    ref_cn.save_pretrained(tmp_path / "pipeline" / "controlnet")
     with torch.no_grad():
         want = cn(x, hint, t, ctx, kw_ours.get("y"))
         for name in ("prefixed.safetensors", "bare.safetensors", "diffusers_named.safetensors",
-                     "folder"):
+                     "folder", "pipeline"):
             loaded = load_controlnet(tmp_path / name)
             assert loaded.config == config, name
             assert loaded.config.family == ("sdxl" if "sdxl" in preset else "sd1")
