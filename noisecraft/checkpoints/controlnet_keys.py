@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from noisecraft.checkpoints.files import CheckpointError, open_state_dict
-from noisecraft.checkpoints.unet_detect import _count, _input_levels
+from noisecraft.checkpoints.unet_detect import _count, _input_levels, _proj_layouts_agree
 from noisecraft.checkpoints.unet_keys import (
+    _fit_proj,
     unet_config_to_diffusers,
     unet_module_map,
     unet_state_dict_from_diffusers,
@@ -280,13 +281,6 @@ def controlnet_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> Control
     return config
 
 
-def _shapes_agree(key: str, got: tuple, want: tuple) -> bool:
-    if got == want:
-        return True
-    proj = key.endswith((".proj_in.weight", ".proj_out.weight"))
-    return proj and got[:2] == want[:2] and all(s == 1 for s in got[2:] + want[2:])
-
-
 def check_controlnet_state_dict(sd: Mapping[str, torch.Tensor], config: ControlNetConfig) -> None:
     """Raise ValueError naming missing, unexpected and mis-shaped keys of a bare original-layout
     ControlNet state dict for ``config``."""
@@ -295,7 +289,8 @@ def check_controlnet_state_dict(sd: Mapping[str, torch.Tensor], config: ControlN
     missing = sorted(expected.keys() - sd.keys())
     unexpected = sorted(sd.keys() - expected.keys())
     shapes = sorted(k for k in expected.keys() & sd.keys()
-                    if not _shapes_agree(k, tuple(sd[k].shape), expected[k]))
+                    if tuple(sd[k].shape) != expected[k]
+                    and not _proj_layouts_agree(k, tuple(sd[k].shape), expected[k]))
     problems = [f"{len(keys)} {label} key(s): {', '.join(keys[:_MAX_LISTED])}"
                 for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
     if shapes:
@@ -304,18 +299,6 @@ def check_controlnet_state_dict(sd: Mapping[str, torch.Tensor], config: ControlN
     if problems:
         raise ValueError(f"ControlNet state dict does not match the detected {config.family} "
                          "architecture: " + "; ".join(problems))
-
-
-def _fit_projections(sd: dict[str, torch.Tensor], config: ControlNetConfig) -> dict:
-    """proj_in/proj_out stored as 1x1 convs where linear layers are used (or back)."""
-    linear = config.unet.use_linear_in_transformer
-    for k, v in sd.items():
-        if k.endswith((".proj_in.weight", ".proj_out.weight")):
-            if linear and v.ndim == 4:
-                sd[k] = v[:, :, 0, 0]
-            elif not linear and v.ndim == 2:
-                sd[k] = v[:, :, None, None]
-    return sd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +358,8 @@ def load_controlnet(path: str | os.PathLike, *, device=None,
     """
     path = Path(path)
     sd, config = _diffusers_folder(path) if path.is_dir() else _single_file(path)
-    sd = _fit_projections(dict(sd), config)
+    linear = config.unet.use_linear_in_transformer  # proj_in/out as 1x1 conv or linear
+    sd = {k: _fit_proj(k, v, linear) for k, v in sd.items()}
     try:
         check_controlnet_state_dict(sd, config)
     except ValueError as e:
