@@ -10,33 +10,13 @@ import torch
 
 from noisecraft.checkpoints import load_diffusers_folder, load_model
 from noisecraft.checkpoints.files import CheckpointError
-from noisecraft.models.unet import sdxl_refiner_vector, sdxl_vector
 from tests.fixtures.checkpoints import (
     FIXTURE_FAMILIES,
     tiny_spec,
+    unet_inputs,
     write_diffusers_folder,
     write_single_file,
 )
-
-
-def unet_inputs(config, seed=0):
-    """(x, t, context, y, diffusers added_cond_kwargs) for a batch of 2 at 8x8 latents."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, config.in_channels, 8, 8, generator=g)
-    t = torch.tensor([999.0, 250.5])
-    ctx = torch.randn(2, 7, config.context_dim, generator=g)
-    if config.adm_in_channels is None:
-        return x, t, ctx, None, None
-    refiner = (config.adm_in_channels - 24) // 256 == 5
-    pooled = torch.randn(2, 24, generator=g)
-    if refiner:
-        ids = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 6.0], [512.0, 512.0, 32.0, 0.0, 2.5]])
-        y = sdxl_refiner_vector(pooled, ids[:, 0:2], ids[:, 2:4], ids[:, 4])
-    else:
-        ids = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0],
-                            [512.0, 512.0, 32.0, 0.0, 640.0, 512.0]])
-        y = sdxl_vector(pooled, ids[:, 0:2], ids[:, 2:4], ids[:, 4:6])
-    return x, t, ctx, y, {"text_embeds": pooled, "time_ids": ids}
 
 
 def outputs(bundle):
