@@ -18,9 +18,7 @@ from noisecraft.samplers.dpmpp import SAMPLERS as _DPMPP
 from noisecraft.samplers.noise import default_noise
 from noisecraft.samplers.unipc import SAMPLERS as _UNIPC
 
-SAMPLERS = {**_BASIC, **_DISCRETE, **_DPMPP, **_UNIPC}
-# dpmpp_2m_cfg_pp joins once tests/samplers/test_sample_api.py lists it in MULTISTEP
-SAMPLERS = {**SAMPLERS, **{k: v for k, v in _CFG_PP.items() if k != "dpmpp_2m_cfg_pp"}}
+SAMPLERS = {**_BASIC, **_DISCRETE, **_DPMPP, **_UNIPC, **_CFG_PP}
 
 __all__ = ["SAMPLERS", "Step", "gaussian_noise", "sample", "sampler_names"]
 

@@ -22,7 +22,7 @@ DENOISER = gmm_denoiser()
 # Multistep samplers keep a history of past slopes; a run that starts part-way begins a new
 # history (as ComfyUI's KSamplerAdvanced does), so only their first segment equals the full run.
 MULTISTEP = {"lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde",
-             "uni_pc", "uni_pc_bh2"}
+             "uni_pc", "uni_pc_bh2", "dpmpp_2m_cfg_pp"}
 # UniPC lowers its order over the last steps of a run (diffusers' lower_order_final), so even
 # a run that stops part-way differs from the same steps of a longer run.
 DEPENDS_ON_RUN_LENGTH = {"uni_pc", "uni_pc_bh2"}
