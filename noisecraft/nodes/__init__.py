@@ -15,12 +15,29 @@ from noisecraft.nodes.sampling import SAMPLING_NODES
 MODEL_FREE_NODES = (*LATENT_NODES, *IMAGE_NODES, *FILE_NODES, *SAMPLING_NODES)
 
 
-def register_builtin_nodes(registry: NodeRegistry) -> NodeRegistry:
-    """Add the nodes that need no loaded model; returns the registry."""
+def model_nodes() -> tuple:
+    """The nodes that run models (loaders, conditioning, samplers, VAE, teaching); they find
+    the engine in ``ExecutionContext.resources["engine"]``."""
+    from noisecraft.nodes.conditioning import CONDITIONING_NODES
+    from noisecraft.nodes.loaders import LOADER_NODES
+    from noisecraft.nodes.samplers import SAMPLER_NODES
+    from noisecraft.nodes.teaching import TEACHING_NODES
+    from noisecraft.nodes.vae import VAE_NODES
+
+    return (*LOADER_NODES, *CONDITIONING_NODES, *SAMPLER_NODES, *VAE_NODES, *TEACHING_NODES)
+
+
+def register_builtin_nodes(registry: NodeRegistry, *, models: bool = True) -> NodeRegistry:
+    """Add the built-in nodes (with ``models``: the model nodes too); returns the registry."""
     registry.register_all(MODEL_FREE_NODES)
+    if models:
+        registry.register_all(model_nodes())
     return registry
 
 
-def builtin_registry() -> NodeRegistry:
-    """A new registry holding the built-in nodes."""
-    return register_builtin_nodes(NodeRegistry())
+def builtin_registry(*, models: bool = False) -> NodeRegistry:
+    """A new registry holding the built-in model-free nodes (``models=True``: all of them).
+
+    (Model nodes are opt-in here because tests/graph/model_stubs.py registers stand-ins
+    under the same names on top of this registry.)"""
+    return register_builtin_nodes(NodeRegistry(), models=models)

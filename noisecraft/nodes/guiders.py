@@ -1,0 +1,105 @@
+"""From a GUIDER (model + CONDITIONING lists + CFG scale) to the engine's bound denoiser.
+
+The usual case, one prompt entry for each side covering the whole image, is exactly the
+engine's ``guided_denoiser`` (cond and uncond in one batch), so a graph and
+``generate_image`` run the same numbers.  Several entries (ConditioningCombine) or areas
+(ConditioningSetArea) follow ComfyUI: each entry's x0 prediction over its area, weighted by its
+strength, averaged where entries overlap, then classifier-free guidance on the averages.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from noisecraft.conditioning import Conditioning
+from noisecraft.diffusion import BoundDenoiser
+from noisecraft.models.family import ModelBundle
+from noisecraft.nodes.model_values import Guider, entry_cond, is_plain
+from noisecraft.pipelines.common import Run, downsample_mask, guided_denoiser, vae_factor
+from noisecraft.pipelines.inpaint import txt2img_concat
+
+
+def inpaint_concat(run: Run, entries: list, shape: torch.Size) -> torch.Tensor | None:
+    """Extra U-Net channels of an inpainting model: from InpaintModelConditioning's
+    ``concat_mask`` / ``concat_latent_image`` (mask binarised at 0.5 and taken at latent size
+    nearest, as the engine's ``inpaint_concat``), else the engine's all-repaint default."""
+    bundle = run.bundle
+    if not bundle.inpaint:
+        return None
+    f = vae_factor(bundle)
+    opts = entries[0][1]
+    if "concat_latent_image" not in opts:
+        return txt2img_concat(run, shape[-1] * f, shape[-2] * f)
+    latent = bundle.family.latent.process_in(opts["concat_latent_image"].float())
+    mask = (opts["concat_mask"].float() >= 0.5).float()
+    small = F.interpolate(mask, size=latent.shape[-2:], mode="nearest")
+    concat = torch.cat([small, latent], dim=1).to(run.device)
+    return concat.expand(shape[0], -1, -1, -1) if concat.shape[0] == 1 else concat
+
+
+def latent_mask(mask: torch.Tensor, bundle: ModelBundle, shape: torch.Size) -> torch.Tensor:
+    """A noise mask (pixel or latent size) -> [B, 1, h, w]: area-averaged like the engine's
+    pipelines when it is at pixel size, bilinear otherwise."""
+    f = vae_factor(bundle)
+    m = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()
+    h, w = shape[-2:]
+    if m.shape[-2:] == (h * f, w * f):
+        m = downsample_mask(m, f)
+    elif m.shape[-2:] != (h, w):
+        m = F.interpolate(m, size=(h, w), mode="bilinear")
+    if m.shape[0] != shape[0]:
+        m = m.repeat(-(-shape[0] // m.shape[0]), 1, 1, 1)[:shape[0]]
+    return m
+
+
+def guider_denoiser(guider: Guider, run: Run, shape: torch.Size) -> BoundDenoiser:
+    """The bound ``(x, sigma) -> x0`` for diffusion latents of ``shape`` [B, C, h, w]."""
+    bundle = guider.model.bundle
+    f = vae_factor(bundle)
+    width, height = shape[-1] * f, shape[-2] * f
+    concat = inpaint_concat(run, guider.positive, shape)
+    if is_plain(guider.positive) and is_plain(guider.negative):
+        cond = entry_cond(bundle, guider.positive[0], width, height)
+        if guider.negative is None:
+            return guided_denoiser(bundle, Conditioning(cond, cond), 1.0, 0.0, concat)
+        uncond = entry_cond(bundle, guider.negative[0], width, height, negative=True)
+        return guided_denoiser(bundle, Conditioning(cond, uncond), guider.cfg, 0.0, concat)
+    pos = _area_average(bundle, guider.positive, width, height, concat, negative=False)
+    if guider.negative is None or guider.cfg == 1.0:
+        return pos
+    neg = _area_average(bundle, guider.negative, width, height, concat, negative=True)
+
+    def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        x0_u = neg(x, sigma)
+        return x0_u + guider.cfg * (pos(x, sigma) - x0_u)
+
+    return guided
+
+
+def _area_average(bundle, entries, width, height, concat, *, negative) -> BoundDenoiser:
+    """ComfyUI's ``calc_cond_batch`` for one side: sum of strength * x0 over each entry's area
+    divided by the summed weights (entries are run one by one, unguided)."""
+    parts = []
+    for entry in entries:
+        opts = entry[1]
+        f = vae_factor(bundle)
+        h, w, top, left = opts.get("area") or (height // f, width // f, 0, 0)
+        cond = entry_cond(bundle, entry, width, height, negative)
+        crop = None if concat is None else concat[..., top:top + h, left:left + w]
+        denoise = guided_denoiser(bundle, Conditioning(cond, cond), 1.0, 0.0, crop)
+        parts.append((denoise, (top, left, h, w), float(opts.get("strength", 1.0))))
+
+    def average(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(x)
+        weight = torch.zeros_like(x[:, :1])
+        for denoise, (top, left, h, w), strength in parts:
+            region = (..., slice(top, top + h), slice(left, left + w))
+            patch = x[region]
+            if patch.numel() == 0:
+                continue
+            total[region] += strength * denoise(patch, sigma)
+            weight[region] += strength
+        return total / weight.clamp(min=1e-37)
+
+    return average
