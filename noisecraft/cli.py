@@ -305,6 +305,8 @@ def train(
     vae: Annotated[Path | None, typer.Option(help="Trained VAE file (latent space).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of weights, noise and data order.")] = 0,
+    sample_every: Annotated[int, typer.Option(help="Sample-grid interval (0: none).")] = 500,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint interval.")] = 500,
 ) -> None:
     """Train the default text-to-image architecture on captioned images (DDP under torchrun)."""
     from noisecraft.training import default_model as dm
@@ -317,7 +319,8 @@ def train(
             data=t.DataConfig(source=data, resolution=resolution, seed=seed),
             objective=t.ObjectiveConfig(prediction=objective, min_snr_gamma=min_snr),
             optim=t.OptimConfig(lr=lr, batch_size=batch_size, ema_decay=ema),
-            run=t.RunConfig(out_dir=out, steps=steps, seed=seed, resume=resume),
+            run=t.RunConfig(out_dir=out, steps=steps, seed=seed, resume=resume,
+                            sample_every=sample_every, checkpoint_every=checkpoint_every),
         )
         result = t.train(config)
     except (DatasetError, ValueError, FileExistsError) as e:
