@@ -2,8 +2,9 @@
 
 Routes: ComfyUI's API at ``/`` and under ``/api/`` (:mod:`.comfy`, :mod:`.files`, the ``/ws``
 websocket of :mod:`.events`), AUTOMATIC1111's at ``/sdapi/v1/`` (:mod:`.a1111`) and
-``POST /api/generate`` (:mod:`.generate`).  The web UI's static files, when
-``config.web_dir`` is given, are mounted at ``/`` after every API route.
+``POST /api/generate`` (:mod:`.generate`), the web UI's routes and the ComfyUI editor at
+``/editor/`` (:mod:`.web_routes`).  The web UI's static files (``config.web_dir``, by default
+:func:`noisecraft.web.static_dir`) are mounted at ``/`` after every API route.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from noisecraft import __version__
 from noisecraft.graph import NodeRegistry
-from noisecraft.server import a1111, comfy, events, files, generate
+from noisecraft.server import a1111, comfy, events, files, generate, web_routes
 from noisecraft.server.config import Folders, ServerConfig
 from noisecraft.server.events import EventHub
 from noisecraft.server.jobqueue import JobQueue
 from noisecraft.server.security import GuardMiddleware, install_error_handlers
 from noisecraft.server.supervisor import Supervisor
 from noisecraft.server.worker import default_registry
+from noisecraft.web import static_dir as web_static_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +73,16 @@ def create_app(config: ServerConfig, *, registry: NodeRegistry | None = None,
         app.include_router(events.router, prefix=prefix)
     app.include_router(a1111.router, prefix="/sdapi/v1")
     app.include_router(generate.router, prefix="/api")
+    app.include_router(web_routes.router)  # web UI data, the ComfyUI editor at /editor/
 
     @app.get("/health")
     async def health():
         return {"ok": True, "version": __version__}
 
-    if config.web_dir is not None:  # the web UI (mount point; served after the APIs)
-        from fastapi.staticfiles import StaticFiles
+    from fastapi.staticfiles import StaticFiles  # the web UI (mounted after the APIs)
 
-        app.mount("/", StaticFiles(directory=config.web_dir, html=True), name="web")
+    web_dir = config.web_dir if config.web_dir is not None else web_static_dir()
+    app.mount("/", StaticFiles(directory=web_dir, html=True), name="web")
     app.add_middleware(GuardMiddleware, auth=config.auth, limits=config.limits)
     if config.cors_allow:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_allow),
