@@ -39,7 +39,8 @@ def crop_to_multiple(pixels: torch.Tensor, factor: int) -> torch.Tensor:
 def encode_pixels(vae: VaeValue, pixels: torch.Tensor) -> torch.Tensor:
     """IMAGE [B, H, W, 3] in [0, 1] -> raw latents [B, C, H/8, W/8] (posterior mode)."""
     device = next(vae.bundle.vae.parameters()).device
-    x = pixels[..., :3].movedim(-1, 1).float() * 2.0 - 1.0
+    x = pixels[..., :3].movedim(-1, 1).float().contiguous() * 2.0 - 1.0  # NCHW layout: the
+    # engine's convolutions see the same memory format, so the same numbers
     with torch.inference_mode():
         return encode_images(vae.bundle, x, device).cpu()
 
@@ -48,7 +49,7 @@ def decode_to_pixels(vae: VaeValue, samples: torch.Tensor) -> torch.Tensor:
     """Raw latents -> IMAGE [B, H, W, 3] in [0, 1]."""
     device = next(vae.bundle.vae.parameters()).device
     with torch.inference_mode():
-        x = decode_latents(vae.bundle, samples.to(device).float())
+        x = decode_latents(vae.bundle, samples.to(device).float().contiguous())
     return ((x + 1.0) / 2.0).movedim(1, -1).cpu()
 
 
