@@ -328,6 +328,83 @@ def train(
     typer.echo(f"step {result.step}: {result.model_path or 'unfinished; run again to resume'}")
 
 
+def _parse_sets(items: list[str]) -> dict:
+    """``NODE.INPUT=VALUE`` pairs; VALUE is JSON when it parses (42, 7.5, true, "x"), else text."""
+    import json
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise ValueError(f"--set {item!r} must look like NODE.INPUT=VALUE, e.g. 3.seed=42")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    workflow: Annotated[Path, typer.Argument(help="Workflow JSON (ComfyUI API or editor format).")],
+    sets: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override an input: NODE.INPUT=VALUE (repeatable).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("output"),
+    models: Annotated[Path, typer.Option(help="Models folder (ComfyUI layout).")] = Path("models"),
+    model_paths: Annotated[Path | None, typer.Option(
+        help="extra_model_paths.yaml/.toml naming ComfyUI or A1111 model folders.")] = None,
+    input_dir: Annotated[Path | None, typer.Option(
+        "--input", help="Folder LoadImage reads from (default: the workflow's folder).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+) -> None:
+    """Run a ComfyUI workflow through noisecraft's nodes; images go to the output folder."""
+    from tqdm import tqdm
+
+    from noisecraft.engine import Engine
+    from noisecraft.graph import ExecutionContext, NodeExecutionError, PromptValidationError
+    from noisecraft.graph import run_workflow as run_graph
+    from noisecraft.graph.registry import NodeRegistry
+    from noisecraft.graph.ui_graph import WorkflowFormatError
+    from noisecraft.models_folder import ModelFolders
+    from noisecraft.nodes import register_builtin_nodes
+
+    bars: dict[str, tqdm] = {}
+
+    def on_event(name: str, data: dict) -> None:
+        if name == "progress":
+            bar = bars.get(data["node"])
+            if bar is None:
+                bar = bars[data["node"]] = tqdm(total=data["max"], desc=f"node {data['node']}",
+                                                unit="step")
+            bar.update(data["value"] - bar.n)
+
+    try:
+        folders = ModelFolders.load(models, model_paths)
+        context = ExecutionContext(
+            input_dir=input_dir or workflow.parent, output_dir=output,
+            resources={"engine": (ctx.obj or {}).get("engine") or Engine(device=device),
+                       "models": folders})
+        output.mkdir(parents=True, exist_ok=True)
+        outputs = run_graph(workflow, registry=register_builtin_nodes(NodeRegistry()),
+                            context=context, overrides=_parse_sets(sets or []),
+                            on_event=on_event)
+    except PromptValidationError as e:
+        _fail(f"the workflow is not valid; nothing ran:\n{e}")
+    except (WorkflowFormatError, KeyError, ValueError) as e:
+        _fail(str(e))
+    except NodeExecutionError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        for bar in bars.values():
+            bar.close()
+    for node_id, ui in outputs.items():
+        for image in ui.get("images", []):
+            folder = context.folder(image.get("type", "output")) / image.get("subfolder", "")
+            typer.echo(f"{folder / image['filename']}  (node {node_id})")
+
+
 def main() -> None:
     app()
 
