@@ -115,9 +115,9 @@ class AcceleratedModule(nn.Module):
     """``source``'s call signature, computed by ``runner``.
 
     Attributes: ``backend`` (name), ``precision`` (what actually runs: "fp32" / "bf16"),
-    ``source`` (the original module, not registered as a sub-module so ``parameters()`` are
-    empty unless the runner registers its own), ``config`` (the source's, if any: pipelines
-    read e.g. ``unet.config.in_channels``).
+    ``source`` (the original module), ``inner`` (the module the runner computes with - a copy
+    sharing or casting the source's weights, or the source itself), ``config`` (the source's,
+    if any: pipelines read e.g. ``unet.config.in_channels``).
     """
 
     def __init__(self, source: nn.Module, runner: Callable[..., Any], *, backend: str,
@@ -130,8 +130,9 @@ class AcceleratedModule(nn.Module):
         self.precision = precision
         self.knobs = knobs or TorchKnobs()
         self.config = getattr(source, "config", None)
-        if inner is not None:
-            self.inner = inner  # registered: its parameters/buffers belong to this module
+        # registered, so parameters() reports the weights (and dtype) that run; the source
+        # itself when the backend made no copy
+        self.inner = source if inner is None else inner
 
     def forward(self, *args, **kwargs):
         ref = first_tensor(args, kwargs)

@@ -158,4 +158,4 @@ def wrap_openvino(module: nn.Module, precision: str, knobs: TorchKnobs,
                          "the 'openvino' backend; leave them at their defaults")
     runner = OpenVINORunner(shared_copy(module).eval(), precision, cache_dir, model_hash, threads)
     return AcceleratedModule(module, runner, backend="openvino", precision=precision,
-                             knobs=knobs)
+                             knobs=knobs, inner=runner.module)

@@ -121,3 +121,15 @@ def test_default_backend_runs_under_sampler_with_callbacks(unet_and_ref):
     assert isinstance(get_backend(DEFAULT_BACKEND).wrap(unet), AcceleratedModule)
     assert len(steps) == 2 * (len(sigmas) - 1)
     assert rel_l2(results[DEFAULT_BACKEND], results["eager"]) < FP32_TOL
+
+
+@pytest.mark.parametrize("name", ["eager", "onednn", "onednn_bf16"])
+def test_wrapped_module_looks_like_the_source(unet_and_ref, name):
+    """Pipelines read ``unet.config`` and the weights' dtype from ``parameters()``."""
+    unet = unet_and_ref[0]
+    fast = get_backend(name, bf16_native=True).wrap(unet)
+    assert fast.config is unet.config and fast.source is unet
+    expected = torch.bfloat16 if name.endswith("bf16") else torch.float32
+    assert next(fast.parameters()).dtype == expected
+    assert fast.backend == name.removesuffix("_bf16")
+    assert f"precision='{fast.precision}'" in repr(fast)
