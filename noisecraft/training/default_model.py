@@ -132,3 +132,28 @@ def run_unfinished(root: str | Path = "runs/default", *, stop_after: int | None 
         if not stage_done(root, stage):
             return stage
     return last
+
+
+SHIPPED_MAX_BYTES = 40_000_000
+
+
+def export_default_model(root: str | Path = "runs/default", out: str | Path | None = None) -> Path:
+    """Write the finished model in float16 (loaders upcast), checking the 40 MB budget."""
+    import torch
+    from safetensors.torch import load_file
+
+    from noisecraft.training import state as ckpt
+    from noisecraft.training.trainer import MODEL_FILE
+
+    src = Path(root) / "diffusion" / MODEL_FILE
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist yet: finish training first "
+                                "(scripts/train_default_model.sh)")
+    out = Path(out) if out is not None else Path(root) / "noisecraft-shapes-fp16.safetensors"
+    meta = {k: v for k, v in ckpt.read_metadata(src).items()}
+    ckpt.save_model_file(out, {"": load_file(str(src))}, meta, dtype=torch.float16)
+    size = out.stat().st_size
+    if size > SHIPPED_MAX_BYTES:
+        raise ValueError(f"{out} is {size / 1e6:.1f} MB, over the {SHIPPED_MAX_BYTES / 1e6:.0f} MB"
+                         " budget; shrink the model in default_model.py")
+    return out

@@ -158,3 +158,17 @@ def test_config_errors_say_what_to_change():
         _check_channels(cfg, build_vae(cfg)[1])
     with pytest.raises(ValueError, match="'eps', 'v'"):
         ObjectiveConfig(prediction="x0")
+
+
+def test_default_model_export_is_float16_and_loads(tmp_path):
+    from noisecraft.training.default_model import export_default_model
+
+    result = train(tiny_config(tmp_path / "diffusion", steps=1, latent=True), progress=quiet)
+    out = export_default_model(tmp_path)
+    half, full = load_file(str(out)), load_file(str(result.model_path))
+    assert half.keys() == full.keys()
+    assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
+    bundle = load_trained_model(out)
+    key = "input_blocks.0.0.weight"
+    w = full["model.diffusion_model." + key]
+    assert torch.equal(bundle.unet.state_dict()[key], w.half().float())
