@@ -191,3 +191,43 @@ def test_progress_events_carry_previews_and_cancel_stops(context):
     with pytest.raises(ExecutionInterrupted):
         run_workflow_result(txt2img_prompt(seed=99, steps=3), registry=registry(),
                             context=context, on_event=cancel_at_first_step)
+
+
+# ComfyUI's input order and defaults (what editor-saved widgets_values rely on)
+COMFY_INPUTS = {
+    "KSampler": ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
+                 "negative", "latent_image", "denoise"],
+    "KSamplerAdvanced": ["model", "add_noise", "noise_seed", "steps", "cfg", "sampler_name",
+                         "scheduler", "positive", "negative", "latent_image", "start_at_step",
+                         "end_at_step", "return_with_leftover_noise"],
+    "SamplerCustom": ["model", "add_noise", "noise_seed", "cfg", "positive", "negative",
+                      "sampler", "sigmas", "latent_image"],
+    "CLIPTextEncodeSDXL": ["clip", "width", "height", "crop_w", "crop_h", "target_width",
+                           "target_height", "text_g", "text_l"],
+    "CLIPTextEncodeSDXLRefiner": ["ascore", "width", "height", "text", "clip"],
+    "LoraLoader": ["model", "clip", "lora_name", "strength_model", "strength_clip"],
+    "VAEDecodeTiled": ["samples", "vae", "tile_size", "overlap", "temporal_size",
+                       "temporal_overlap"],
+    "ConditioningSetArea": ["conditioning", "width", "height", "x", "y", "strength"],
+    "InpaintModelConditioning": ["positive", "negative", "vae", "pixels", "mask",
+                                 "noise_mask"],
+}
+
+
+def test_model_node_schemas_follow_comfyui():
+    info = registry().object_info()
+    for name, order in COMFY_INPUTS.items():
+        assert info[name]["input_order"]["required"] == order, name
+    ks = info["KSampler"]["input"]["required"]
+    assert ks["cfg"][1] == {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                            "round": 0.01, "tooltip": ks["cfg"][1]["tooltip"]}
+    assert ks["seed"][1]["max"] == 2**64 - 1 and ks["seed"][1]["control_after_generate"]
+    assert "dpmpp_2m" in ks["sampler_name"][0] and "karras" in ks["scheduler"][0]
+    adv = info["KSamplerAdvanced"]["input"]["required"]
+    assert adv["add_noise"][0] == ["enable", "disable"]
+    assert adv["return_with_leftover_noise"][0] == ["disable", "enable"]
+    assert adv["end_at_step"][1]["default"] == 10000
+    assert info["CLIPSetLastLayer"]["input"]["required"]["stop_at_clip_layer"][1] == \
+        {"default": -1, "min": -24, "max": -1, "step": 1}
+    assert info["CheckpointLoaderSimple"]["output"] == ["MODEL", "CLIP", "VAE"]
+    assert info["SamplerCustomAdvanced"]["output_name"] == ["output", "denoised_output"]
