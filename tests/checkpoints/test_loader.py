@@ -42,8 +42,9 @@ def sd1_file(tmp_path_factory):
 
 def test_weights_arrive_unchanged_and_ready(sd1_file):
     bundle = load_checkpoint(sd1_file)
+    loaded = bundle.unet.state_dict()
     for k, v in expected_unet("sd1").items():
-        assert torch.equal(bundle.unet.state_dict()[k], v), k
+        assert torch.equal(loaded[k], v), k
     assert (bundle.name, bundle.family.name) == ("tiny", "sd1")
     assert bundle.sha256 == file_sha256(sd1_file) and bundle.short_hash == bundle.sha256[:10]
     assert not bundle.unet.training and not bundle.vae.training
@@ -55,15 +56,16 @@ def test_weights_arrive_unchanged_and_ready(sd1_file):
 
 @pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
 def test_half_files_load_upcast_or_kept(tmp_path, stored):
-    path = write_single_file(tmp_path / "half.safetensors", "sdxl", dtype=stored, seed=1)
-    want = {k: v.to(stored) for k, v in expected_unet("sdxl", seed=1).items()}
+    path = write_single_file(tmp_path / "half.safetensors", "sd2", dtype=stored, seed=1)
+    want = {k: v.to(stored) for k, v in expected_unet("sd2", seed=1).items()}
     up = load_checkpoint(path)  # default float32
     kept = load_checkpoint(path, dtype=stored)
     as_stored = load_checkpoint(path, dtype=None)
+    up_sd, kept_sd = up.unet.state_dict(), kept.unet.state_dict()
     for k, v in want.items():
-        assert up.unet.state_dict()[k].dtype == torch.float32
-        assert torch.equal(up.unet.state_dict()[k], v.float()), k
-        assert torch.equal(kept.unet.state_dict()[k], v), k
+        assert up_sd[k].dtype == torch.float32
+        assert torch.equal(up_sd[k], v.float()), k
+        assert torch.equal(kept_sd[k], v), k
     for module in (kept.unet, kept.vae, kept.text_encoder, as_stored.text_encoder):
         assert {p.dtype for p in module.parameters()} == {stored}
     x = torch.randn(1, 4, 8, 8)
@@ -72,9 +74,9 @@ def test_half_files_load_upcast_or_kept(tmp_path, stored):
 
 
 def test_float32_to_bfloat16(sd1_file):
-    bundle = load_checkpoint(sd1_file, dtype=torch.bfloat16)
+    loaded = load_checkpoint(sd1_file, dtype=torch.bfloat16).unet.state_dict()
     for k, v in expected_unet("sd1").items():
-        assert torch.equal(bundle.unet.state_dict()[k], v.to(torch.bfloat16)), k
+        assert torch.equal(loaded[k], v.to(torch.bfloat16)), k
 
 
 def test_unconverted_tensors_are_views_of_the_file(sd1_file):
@@ -149,7 +151,8 @@ def test_standalone_vae_in_every_layout(tmp_path):
 def test_separate_vae_replaces_the_checkpoint_one(tmp_path, sd1_file):
     vae, paths = _vae_files(tmp_path)
     bundle = load_model(sd1_file, vae=paths["diffusers"])
-    assert all(torch.equal(bundle.vae.state_dict()[k], v) for k, v in vae.items())
+    loaded = bundle.vae.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in vae.items())
     no_vae = write_single_file(tmp_path / "novae.safetensors", "sd1", drop=tuple(
         k for k in tiny_state_dict("sd1") if k.startswith("first_stage_model.")))
     with pytest.raises(CheckpointError, match=r"no VAE in the file.*pass vae="):

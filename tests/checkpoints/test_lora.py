@@ -104,10 +104,10 @@ def test_lora_on_a_half_model(files):
     snapshot = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
     handle = apply_loras(bundle, [(root / "h.safetensors", 1.0)])
     hand_merge(reference, [(layers, 1.0)])
-    touched = 0
+    touched, expected = 0, reference.unet.state_dict()
     for k, v in bundle.unet.state_dict().items():
         assert v.dtype == torch.bfloat16
-        torch.testing.assert_close(v, reference.unet.state_dict()[k], atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(v, expected[k], atol=1e-2, rtol=1e-2)
         touched += not torch.equal(v, snapshot[k])
     assert touched == 8  # the U-Net layers the fixture LoRA lists for SDXL
     handle.remove()
