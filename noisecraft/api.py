@@ -11,6 +11,8 @@ model again; pass one ``Engine`` to keep models loaded across calls.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -31,6 +33,22 @@ def _annotated(g: GeneratedImage) -> Image.Image:
     g.image.info[PARAMETERS_KEY] = format_parameters(g.settings)
     g.image.info[SETTINGS_KEY] = json.dumps(g.settings, sort_keys=True)
     return g.image
+
+
+def _control_entry(engine: Engine, entry: Any) -> Any:
+    """Register an in-memory ControlNet given in ``entry`` on ``engine``; name it instead."""
+    from noisecraft.models.controlnet import ControlNet
+
+    def named(model: Any) -> Any:
+        if isinstance(model, ControlNet):
+            return engine.register_controlnet(f"<ControlNet {id(model):x}>", model)
+        return model
+
+    if isinstance(entry, tuple | list) and entry:
+        return (named(entry[0]), *entry[1:])
+    if isinstance(entry, dict) and "model" in entry:
+        return {**entry, "model": named(entry["model"])}
+    return entry
 
 
 def generate_image(
@@ -60,6 +78,7 @@ def generate_image(
     clip_skip: int | None = None,
     guidance_rescale: float = 0.0,
     eta: float | None = None,
+    controlnets: Sequence[Any] = (),
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     callback: ProgressCallback | None = None,
@@ -85,6 +104,12 @@ def generate_image(
         hires_scale, hires_upscale, hires_steps, hires_strength: hires fix for txt2img.
         clip_skip: 1 = last layer; None = the model family's default.
         guidance_rescale, eta: CFG rescale (Lin et al. 2023); eta for samplers that take it.
+            A ``*_cfg_pp`` sampler uses CFG++ guidance (useful cfg_scale ~ 0.5-2).
+        controlnets: ControlNets, each ``(model, image, strength)``, ``(model, image,
+            strength, start_percent, end_percent)``, a dict of those names (plus
+            ``preprocessor``: ``"none"`` or ``"canny"``) or a ``ControlNetUnit``; ``model`` is a
+            file/folder path, a name registered on the engine, or a loaded ``ControlNet``
+            (registered on the engine for the call); ``image`` a path or PIL image.
         device, dtype: for a new engine (ignored when ``engine`` is given).
         callback: called with a ``ProgressEvent`` after every step.
         cancel: a ``CancelToken``; cancelling raises ``Interrupted`` (no partial result).
@@ -94,6 +119,7 @@ def generate_image(
         PIL image(s); ``image.info`` holds ``seed``, ``parameters`` (A1111 text) and
         ``noisecraft`` (JSON settings).
     """
+    engine = engine or Engine(device=device, dtype=dtype)
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, model=model, steps=steps,
         cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, seed=seed, sampler=sampler,
@@ -102,8 +128,8 @@ def generate_image(
         mask_blur=mask_blur, mask_grow=mask_grow, outpaint=tuple(outpaint),
         outpaint_fill=outpaint_fill, hires_scale=hires_scale, hires_upscale=hires_upscale,
         hires_steps=hires_steps, hires_strength=hires_strength, eta=eta,
+        controlnets=tuple(_control_entry(engine, c) for c in controlnets),
     )
-    engine = engine or Engine(device=device, dtype=dtype)
     result = engine.generate(request, callback=callback, cancel=cancel)
     images = [_annotated(g) for g in result.images]
     return images[0] if batch_size == 1 else images

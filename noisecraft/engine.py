@@ -36,6 +36,7 @@ from noisecraft.pipelines.common import (
     generators_for,
     vae_factor,
 )
+from noisecraft.pipelines.control import control_specs, with_controls
 from noisecraft.pipelines.generate import run_request
 from noisecraft.request import (
     CancelToken,
@@ -45,6 +46,7 @@ from noisecraft.request import (
     InputError,
     image_settings,
 )
+from noisecraft.samplers.cfg_pp import needs_uncond
 from noisecraft.schedules import SPACINGS
 
 DEFAULT_MODEL_PATH = Path(__file__).parent / "weights" / "default.safetensors"
@@ -198,8 +200,48 @@ class Engine:
 
     @property
     def cached_models(self) -> list[str]:
-        """Names (registered) or paths of the models in the cache, least recently used first."""
-        return [k[1] for k in self._cache]
+        """Names (registered) or paths of the models in the cache, least recently used first
+        (ControlNets not included: see :attr:`cached_controlnets`)."""
+        return [k[1] for k in self._cache if k[0] != "controlnet"]
+
+    @property
+    def cached_controlnets(self) -> list[str]:
+        return [k[1] for k in self._cache if k[0] == "controlnet"]
+
+    def register_controlnet(self, name: str, controlnet: torch.nn.Module) -> str:
+        """Make an in-memory ControlNet available as ``ControlNetUnit(model=name)`` (pinned)."""
+        controlnet = controlnet.to(device=self.device, dtype=self.dtype).eval()
+        with self._lock:
+            self._cache[("controlnet", name)] = _Entry(controlnet, _module_bytes(controlnet),
+                                                       pinned=True)
+        return name
+
+    def controlnet(self, ref: str | os.PathLike) -> torch.nn.Module:
+        """The ControlNet for a registered name or a file/folder path (loaded once, cached with
+        the models and evicted by the same memory bound)."""
+        with self._lock:
+            if ("controlnet", str(ref)) in self._cache:
+                self._cache.move_to_end(("controlnet", str(ref)))
+                return self._cache[("controlnet", str(ref))].bundle
+            path = Path(os.fspath(ref)).expanduser().resolve()
+            if not path.exists():
+                raise ModelNotFound(f"ControlNet {os.fspath(ref)!r} is neither a registered "
+                                    "ControlNet name nor an existing file or folder")
+            stat = path.stat()
+            key = ("controlnet", str(path), stat.st_size, stat.st_mtime_ns)
+            if key not in self._cache:
+                from noisecraft.checkpoints.controlnet_keys import load_controlnet
+                from noisecraft.checkpoints.files import CheckpointError
+
+                try:
+                    net = load_controlnet(path, device=self.device, dtype=self.dtype)
+                except CheckpointError as e:
+                    raise InputError(str(e)) from None
+                nbytes = _module_bytes(net)
+                self._evict(nbytes)
+                self._cache[key] = _Entry(net, nbytes, pinned=False)
+            self._cache.move_to_end(key)
+            return self._cache[key].bundle
 
     @property
     def cache_bytes(self) -> int:
@@ -229,9 +271,13 @@ class Engine:
         if request.scheduler not in SPACINGS:
             raise InputError(f"unknown scheduler (spacing) {request.scheduler!r}; choose one "
                              f"of: {', '.join(SPACINGS)}")
+        if needs_uncond(request.sampler) and request.guidance_rescale > 0:
+            raise InputError(f"guidance_rescale does not apply to the CFG++ sampler "
+                             f"{request.sampler!r}; set it to 0 or pick another sampler")
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_RANGE)
         request = request.with_seed(int(seed))
         bundle = self.model(request.model)
+        bundle = with_controls(bundle, control_specs(request.controlnets, self.controlnet))
         seeds = [request.seed + i for i in range(request.batch_size)]
         run = Run(bundle, self.device, generators_for(seeds), callback, cancel)
         with torch.inference_mode():

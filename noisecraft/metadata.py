@@ -47,6 +47,11 @@ A1111_SAMPLERS = {
     "ddpm": "DDPM",
     "uni_pc": "UniPC",
     "lcm": "LCM",
+    # CFG++ (Chung et al. 2024), as Forge / A1111 1.10 name them
+    "euler_cfg_pp": "Euler CFG++",
+    "euler_ancestral_cfg_pp": "Euler a CFG++",
+    "dpmpp_2m_cfg_pp": "DPM++ 2M CFG++",
+    "dpmpp_2s_ancestral_cfg_pp": "DPM++ 2S a CFG++",
 }
 # ComfyUI scheduler (spacing) name -> AUTOMATIC1111 "Schedule type"
 A1111_SCHEDULERS = {

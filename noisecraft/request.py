@@ -28,6 +28,7 @@ ImageInput = str | os.PathLike | Image.Image
 SIZE_MULTIPLE = 8
 HIRES_UPSCALERS = ("latent", "image")
 OUTPAINT_FILLS = ("edge", "mean")
+CONTROL_PREPROCESSORS = ("none", "canny")
 
 
 class InputError(ValueError):
@@ -94,6 +95,70 @@ def check_size(value: int, name: str) -> int:
 
 
 @dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet of a request (plain data, so requests stay serialisable).
+
+    ``model``: a ControlNet file or folder path, or a name registered with
+    ``Engine.register_controlnet``.  ``image``: the control image (path or PIL image), used as
+    it is (``preprocessor="none"``: a ready edge/depth/pose map) or turned into Canny edges
+    first (``"canny"``, ComfyUI's default thresholds).  ``strength`` scales the residuals; the
+    ControlNet acts from ``start_percent`` to ``end_percent`` of the schedule (ComfyUI's rule).
+    """
+
+    model: str
+    image: ImageInput
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    preprocessor: str = "none"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str | os.PathLike) or not os.fspath(self.model):
+            raise InputError(f"a ControlNet's model must be a path or registered name, got "
+                             f"{self.model!r}")
+        object.__setattr__(self, "model", os.fspath(self.model))
+        if not isinstance(self.image, str | os.PathLike | Image.Image):
+            raise InputError(f"ControlNet {self.model!r}: image must be a path or PIL image, "
+                             f"got {type(self.image).__name__}")
+        for name in ("start_percent", "end_percent"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise InputError(f"ControlNet {self.model!r}: {name} must lie in [0, 1], got "
+                                 f"{getattr(self, name)}")
+        if self.preprocessor not in CONTROL_PREPROCESSORS:
+            raise InputError(f"ControlNet {self.model!r}: unknown preprocessor "
+                             f"{self.preprocessor!r}; choose one of: "
+                             f"{', '.join(CONTROL_PREPROCESSORS)}")
+
+    @classmethod
+    def of(cls, entry: Any) -> ControlNetUnit:
+        """A unit from a unit, a settings dict, or a tuple ``(model, image[, strength[,
+        start_percent, end_percent]])``."""
+        if isinstance(entry, cls):
+            return entry
+        if isinstance(entry, dict):
+            names = {f.name for f in fields(cls)}
+            unknown = sorted(set(entry) - names)
+            if unknown:
+                raise InputError(f"unknown ControlNet setting(s) {', '.join(unknown)}; known: "
+                                 f"{', '.join(sorted(names))}")
+            if entry.get("image") == "<image>":
+                raise InputError("these settings were made from an in-memory ControlNet image; "
+                                 "pass the image again")
+            return cls(**entry)
+        if isinstance(entry, tuple | list) and len(entry) in (2, 3, 5):
+            return cls(*entry)
+        raise InputError(
+            "each controlnets entry must be a ControlNetUnit, a dict of its fields, or a tuple "
+            f"(model, image[, strength[, start_percent, end_percent]]), got {entry!r:.80}"
+        )
+
+    def settings(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["image"] = "<image>" if isinstance(self.image, Image.Image) else os.fspath(self.image)
+        return out
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One generation job.  See :func:`noisecraft.api.generate_image` for each field.
 
@@ -127,8 +192,11 @@ class GenerationRequest:
     hires_steps: int | None = None
     hires_strength: float = 0.5
     eta: float | None = None
+    controlnets: tuple[ControlNetUnit, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "controlnets",
+                           tuple(ControlNetUnit.of(c) for c in self.controlnets or ()))
         if not isinstance(self.prompt, str):
             raise InputError(f"prompt must be a string, got {type(self.prompt).__name__}")
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -208,6 +276,7 @@ class GenerationRequest:
             elif value is not None:
                 out[name] = os.fspath(value)
         out["outpaint"] = list(self.outpaint)
+        out["controlnets"] = [c.settings() for c in self.controlnets]
         return out
 
     @classmethod

@@ -19,12 +19,14 @@ def model_nodes() -> tuple:
     """The nodes that run models (loaders, conditioning, samplers, VAE, teaching); they find
     the engine in ``ExecutionContext.resources["engine"]``."""
     from noisecraft.nodes.conditioning import CONDITIONING_NODES
+    from noisecraft.nodes.control import CONTROL_NODES
     from noisecraft.nodes.loaders import LOADER_NODES
     from noisecraft.nodes.samplers import SAMPLER_NODES
     from noisecraft.nodes.teaching import TEACHING_NODES
     from noisecraft.nodes.vae import VAE_NODES
 
-    return (*LOADER_NODES, *CONDITIONING_NODES, *SAMPLER_NODES, *VAE_NODES, *TEACHING_NODES)
+    return (*LOADER_NODES, *CONDITIONING_NODES, *SAMPLER_NODES, *VAE_NODES, *TEACHING_NODES,
+            *CONTROL_NODES)
 
 
 def register_builtin_nodes(registry: NodeRegistry, *, models: bool = True) -> NodeRegistry:

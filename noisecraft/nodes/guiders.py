@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from noisecraft.conditioning import Conditioning
 from noisecraft.diffusion import BoundDenoiser
 from noisecraft.models.family import ModelBundle
+from noisecraft.nodes.control import controls_of, uncond_controls_of
 from noisecraft.nodes.model_values import Guider, entry_cond, is_plain
 from noisecraft.pipelines.common import Run, downsample_mask, guided_denoiser, vae_factor
 from noisecraft.pipelines.inpaint import txt2img_concat
@@ -61,10 +62,12 @@ def guider_denoiser(guider: Guider, run: Run, shape: torch.Size) -> BoundDenoise
     concat = inpaint_concat(run, guider.positive, shape)
     if is_plain(guider.positive) and is_plain(guider.negative):
         cond = entry_cond(bundle, guider.positive[0], width, height)
+        controls = controls_of(guider.positive)
         if guider.negative is None:
-            return guided_denoiser(bundle, Conditioning(cond, cond), 1.0, 0.0, concat)
+            return guided_denoiser(bundle, Conditioning(cond, cond), 1.0, 0.0, concat, controls)
         uncond = entry_cond(bundle, guider.negative[0], width, height, negative=True)
-        return guided_denoiser(bundle, Conditioning(cond, uncond), guider.cfg, 0.0, concat)
+        return guided_denoiser(bundle, Conditioning(cond, uncond), guider.cfg, 0.0, concat,
+                               controls, uncond_controls_of(guider.positive, guider.negative))
     pos = _area_average(bundle, guider.positive, width, height, concat, negative=False)
     if guider.negative is None or guider.cfg == 1.0:
         return pos
@@ -87,7 +90,8 @@ def _area_average(bundle, entries, width, height, concat, *, negative) -> BoundD
         h, w, top, left = opts.get("area") or (height // f, width // f, 0, 0)
         cond = entry_cond(bundle, entry, width, height, negative)
         crop = None if concat is None else concat[..., top:top + h, left:left + w]
-        denoise = guided_denoiser(bundle, Conditioning(cond, cond), 1.0, 0.0, crop)
+        denoise = guided_denoiser(bundle, Conditioning(cond, cond), 1.0, 0.0, crop,
+                                  controls_of([entry]))
         parts.append((denoise, (top, left, h, w), float(opts.get("strength", 1.0))))
 
     def average(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

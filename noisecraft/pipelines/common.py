@@ -16,7 +16,7 @@ dtype (cast at the call) and its output is cast back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +25,12 @@ import torch.nn.functional as F
 from noisecraft.conditioning import Conditioning
 from noisecraft.diffusion import BoundDenoiser, Denoiser, append_dims
 from noisecraft.guidance import cfg_denoiser
+from noisecraft.models.controlnet import ControlSpec
 from noisecraft.models.family import ModelBundle
+from noisecraft.pipelines.control import CONTROL_SIDE, controlled_unet, sided_unet
 from noisecraft.request import CancelToken, InputError, Interrupted, ProgressEvent
 from noisecraft.samplers import Step, get_sampler, sample
+from noisecraft.samplers.cfg_pp import cfg_pp_denoiser
 from noisecraft.samplers.noise import default_noise
 from noisecraft.schedules import spacing_sigmas
 
@@ -130,20 +133,50 @@ def _unet_callable(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
     return model
 
 
+@dataclass(frozen=True, eq=False)
+class GuidedDenoiser:
+    """A guided ``(x, sigma) -> x0`` that also offers ``with_uncond(x, sigma) -> (guided x0,
+    unconditional x0)`` from one batched pass, which the CFG++ samplers use
+    (:mod:`noisecraft.samplers.cfg_pp`); every other sampler just calls it."""
+
+    guided: BoundDenoiser
+    pair: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.guided(x, sigma)
+
+    def with_uncond(self, x: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pair(x, sigma)
+
+
 def guided_denoiser(
     bundle: ModelBundle,
     conditioning: Conditioning,
     cfg_scale: float,
     guidance_rescale: float = 0.0,
     concat: torch.Tensor | None = None,
-) -> BoundDenoiser:
-    """CFG-guided ``(x, sigma) -> x0``; ``concat`` [B, k, h, w] goes to inpainting U-Nets."""
-    denoiser = Denoiser(_unet_callable(bundle.unet), bundle.family.schedule(),
-                        bundle.family.prediction)
+    controls: Sequence[ControlSpec] = (),
+    uncond_controls: Sequence[ControlSpec] | None = None,
+) -> GuidedDenoiser:
+    """CFG-guided ``(x, sigma) -> x0``; ``concat`` [B, k, h, w] goes to inpainting U-Nets.
+
+    ``controls``: ControlNets acting on both prompts, unless ``uncond_controls`` gives the
+    negative prompt others (:mod:`noisecraft.pipelines.control`).  CFG++ samplers get the
+    unconditional x0 through ``with_uncond`` (guidance rescale does not apply to them).
+    """
     cond, uncond = dict(conditioning.cond), dict(conditioning.uncond)
+    steps = bundle.family.num_train_timesteps
+    unet = controlled_unet(bundle.unet, tuple(controls), steps)
+    if uncond_controls is not None and tuple(uncond_controls) != tuple(controls):
+        unet = sided_unet(bundle.unet, tuple(controls), tuple(uncond_controls), steps)
+        device = conditioning.cond["context"].device
+        cond[CONTROL_SIDE], uncond[CONTROL_SIDE] = torch.ones(1, device=device), \
+            torch.zeros(1, device=device)
+    denoiser = Denoiser(_unet_callable(unet), bundle.family.schedule(), bundle.family.prediction)
     if concat is not None:
         cond["c_concat"] = uncond["c_concat"] = concat
-    return cfg_denoiser(denoiser, cond, uncond, cfg_scale, guidance_rescale)
+    guided = cfg_denoiser(denoiser, cond, uncond, cfg_scale, guidance_rescale)
+    return GuidedDenoiser(guided, cfg_pp_denoiser(denoiser, cond, uncond, cfg_scale).with_uncond)
 
 
 def masked_denoiser(
@@ -152,14 +185,27 @@ def masked_denoiser(
     """Inpainting with an ordinary model (ComfyUI's ``KSamplerX0Inpaint``): before each model
     call the unmasked part of x is replaced by the original latent noised to sigma with the
     run's initial noise, and the x0 estimate keeps the original latent there.  mask [B|1, 1, h, w]
-    in [0, 1], 1 = repaint."""
+    in [0, 1], 1 = repaint.  Keeps ``with_uncond`` (CFG++) when ``inner`` has it."""
+
+    def blend(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = append_dims(sigma, x.ndim).to(x.dtype)
+        return x * mask + (latent + noise * s) * (1 - mask)
+
+    def keep(x0: torch.Tensor) -> torch.Tensor:
+        return x0 * mask + latent * (1 - mask)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        s = append_dims(sigma, x.ndim).to(x.dtype)
-        x = x * mask + (latent + noise * s) * (1 - mask)
-        return inner(x, sigma) * mask + latent * (1 - mask)
+        return keep(inner(blend(x, sigma), sigma))
 
-    return denoise
+    with_uncond = getattr(inner, "with_uncond", None)
+    if with_uncond is None:
+        return denoise
+
+    def pair(x: torch.Tensor, sigma: torch.Tensor):
+        guided, u = with_uncond(blend(x, sigma), sigma)
+        return keep(guided), keep(u)
+
+    return GuidedDenoiser(denoise, pair)
 
 
 def run_sampler(

@@ -6,18 +6,22 @@ txt2img and img2img are synchronous, as in A1111: the route builds a
 base64 PNGs that carry the ``parameters`` chunk.  Fields noisecraft does not implement
 (``restore_faces``, ``tiling``, scripts, ...) are accepted and ignored, as A1111 ignores
 scripts it does not have; wrong types and values are refused with a 4xx saying which field.
+The ControlNet extension's ``alwayson_scripts.controlnet.args`` units are run
+(:func:`_controlnets`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from noisecraft import __version__
+from noisecraft.graph import safe_join
 from noisecraft.metadata import (
     A1111_SAMPLERS,
     A1111_SCHEDULERS,
@@ -27,6 +31,8 @@ from noisecraft.metadata import (
     sampler_from_a1111,
     scheduler_from_a1111,
 )
+from noisecraft.models_folder import ModelFolderError, ModelFolders
+from noisecraft.request import CONTROL_PREPROCESSORS
 from noisecraft.server.generate import b64, build_payload, check_model, output_images, run_job
 from noisecraft.server.inpaint_area import FILLS
 from noisecraft.server.security import RequestError, decode_image, read_json
@@ -84,7 +90,65 @@ async def _settings(state, body: dict, overrides: dict) -> dict[str, Any]:
         "clip_skip": clip_skip if isinstance(clip_skip, int) and clip_skip > 1 else None,
         "model": _model_name(options.get("sd_model_checkpoint")),
         "eta": _get(body, "eta", float) if sampler in ("ddim", "euler_ancestral") else None,
+        "controlnets": await run_in_threadpool(_controlnets, state, body),
     }
+
+
+def _controlnet_unit(state, unit: Any, where: str) -> dict[str, Any] | None:
+    """One ControlNet extension unit -> a noisecraft ControlNet setting (None if disabled)."""
+    if not isinstance(unit, dict):
+        raise RequestError(f"{where} must be an object", status=422)
+    if not _get(unit, "enabled", (bool, int), True):
+        return None
+    module = _get(unit, "module", str, "none").lower()
+    if module not in CONTROL_PREPROCESSORS:
+        raise RequestError(f"{where}.module {module!r} is not available; noisecraft has: "
+                           f"{', '.join(CONTROL_PREPROCESSORS)} (send a ready control map "
+                           "with module none)", status=422)
+    data = unit.get("image") or unit.get("input_image")
+    if isinstance(data, dict):  # the extension's {"image": ..., "mask": ...}
+        data = data.get("image")
+    if not isinstance(data, str):
+        raise RequestError(f"{where}.image must be a base64 image", status=422)
+    image = decode_image(data, state.config.limits, f"{where}.image")
+    path = safe_join(state.folders.input, f"api/{uuid.uuid4().hex}_controlnet.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    name = _model_name(_get(unit, "model", str, ""))
+    folders = ModelFolders.at(state.folders.root / "models")
+    names = folders.names("controlnet")
+    name = name if name in names else {n.rsplit(".", 1)[0]: n for n in names}.get(name, name)
+    try:
+        model = folders.resolve("controlnet", name or "")
+    except ModelFolderError:
+        raise RequestError(f"{where}.model: unknown ControlNet {name!r}; available: "
+                           f"{', '.join(names) or 'none'} (put files in "
+                           f"{state.folders.root / 'models' / 'controlnet'})",
+                           status=422) from None
+    return {"model": str(model), "image": str(path),
+            "strength": _get(unit, "weight", float, 1.0),
+            "start_percent": _get(unit, "guidance_start", float, 0.0),
+            "end_percent": _get(unit, "guidance_end", float, 1.0), "preprocessor": module}
+
+
+def _controlnets(state, body: dict) -> list[dict[str, Any]]:
+    """``alwayson_scripts: {"controlnet": {"args": [{"image", "module", "model", "weight",
+    "guidance_start", "guidance_end", "enabled"}]}}`` (the sd-webui-controlnet extension's
+    API) -> the request's ``controlnets``; images go to the input folder.  Modules: ``none``
+    (the image is the control map) and ``canny`` (ComfyUI's thresholds)."""
+    scripts = body.get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        raise RequestError("alwayson_scripts must be an object", status=422)
+    script = next((v for k, v in scripts.items() if k.lower() == "controlnet"), None)
+    if script is None:
+        return []
+    args = script.get("args") if isinstance(script, dict) else None
+    if not isinstance(args, list):
+        raise RequestError("alwayson_scripts.controlnet.args must be a list of units",
+                           status=422)
+    units = [_controlnet_unit(state, u, f"alwayson_scripts.controlnet.args[{i}]")
+             for i, u in enumerate(args)]
+    return [u for u in units if u is not None]
 
 
 def _model_name(title: Any) -> str | None:
