@@ -106,32 +106,35 @@ def stage_done(root: Path, stage: str) -> bool:
     raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
 
 
-def run_unfinished(root: str | Path = "runs/default", *, stop_after: int | None = None) -> str:
-    """Run (resume) every unfinished stage in order; returns the last stage run or "done".
+def run_stage(root: str | Path, stage: str, *, stop_after: int | None = None) -> bool:
+    """Run (resume) one stage unless it is finished; True when it is finished afterwards.
 
-    ``stop_after`` ends each stage invocation after that many steps (with a checkpoint).
+    ``stop_after`` ends this invocation after that many steps (with a checkpoint).
     """
     root = Path(root)
-    last = "done"
+    if stage_done(root, stage):
+        return True
+    if stage == "vae":
+        from noisecraft.training.vae_trainer import train_vae
+
+        cfg = vae_stage(root)
+        result = train_vae(replace(cfg, run=replace(cfg.run, stop_after=stop_after)))
+        print(f"vae: step {result.step}, scaling factor {result.scaling_factor}", flush=True)
+    else:
+        from noisecraft.training.trainer import train
+
+        cfg = diffusion_stage(root)
+        result = train(replace(cfg, run=replace(cfg.run, stop_after=stop_after)))
+        print(f"diffusion: step {result.step}", flush=True)
+    return stage_done(root, stage)
+
+
+def run_unfinished(root: str | Path = "runs/default", *, stop_after: int | None = None) -> str:
+    """Run every unfinished stage in order; returns "done" or the stage left unfinished."""
     for stage in STAGES:
-        if stage_done(root, stage):
-            continue
-        last = stage
-        if stage == "vae":
-            from noisecraft.training.vae_trainer import train_vae
-
-            cfg = vae_stage(root)
-            result = train_vae(replace(cfg, run=replace(cfg.run, stop_after=stop_after)))
-            print(f"vae: step {result.step}, scaling factor {result.scaling_factor}", flush=True)
-        else:
-            from noisecraft.training.trainer import train
-
-            cfg = diffusion_stage(root)
-            result = train(replace(cfg, run=replace(cfg.run, stop_after=stop_after)))
-            print(f"diffusion: step {result.step}", flush=True)
-        if not stage_done(root, stage):
+        if not run_stage(root, stage, stop_after=stop_after):
             return stage
-    return last
+    return "done"
 
 
 SHIPPED_MAX_BYTES = 40_000_000
