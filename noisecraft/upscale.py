@@ -1,8 +1,10 @@
 """Image upscaler models (ESRGAN and relatives), run tile by tile with overlap so a 4x upscale
 of a large image fits in memory.
 
-Loading goes through ``spandrel`` (the architecture library ComfyUI uses), imported only when a
-file is loaded: :func:`load_upscale_model`.  Running is :func:`upscale_tiled`, which works for
+Loading is :func:`load_upscale_model`: noisecraft's own ESRGAN / Real-ESRGAN architectures
+(:mod:`noisecraft.models.upscalers`, which says why spandrel, the library ComfyUI uses, is not
+used: it requires torchvision, which cannot be installed beside this CPU torch build).
+Running is :func:`upscale_tiled`, which works for
 any ``model(images [B, C, h, w]) -> [B, C, s*h, s*w]``: tiles of ``tile`` input pixels overlap
 by ``overlap`` pixels and are blended with linear ramps across the overlap (ComfyUI's
 ``tiled_scale`` idea), so seams do not show; the outer quarter of each overlap gets weight 0,
@@ -17,30 +19,44 @@ from pathlib import Path
 
 import torch
 
+from noisecraft.checkpoints.files import CheckpointError, open_state_dict
+from noisecraft.models.upscalers import UnknownUpscaler, upscaler_from_state_dict
 from noisecraft.request import InputError
+
+
+def _upscaler_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an upscaler file, read without running code: through
+    ``open_state_dict``; Real-ESRGAN's ``.pth`` files nest them under ``params_ema`` (or
+    ``params``), which that reader does not unwrap, so such files are re-read here, also with
+    ``weights_only``."""
+    try:
+        with open_state_dict(path) as f:
+            return dict(f.items())
+    except CheckpointError as e:
+        if "contains no tensors" not in str(e):
+            raise InputError(f"upscale model {e}") from None
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("params_ema", "params"):
+        if isinstance(obj.get(key), dict):
+            return {k: v for k, v in obj[key].items() if isinstance(v, torch.Tensor)}
+    raise InputError(f"upscale model {path}: no tensors (also not under params_ema / params)")
 
 
 def load_upscale_model(path: str | os.PathLike, *, device=None) -> torch.nn.Module:
     """An upscaler from ``path`` (``.pth`` read with ``weights_only`` / ``.safetensors``) as a
-    module ``images [B, 3, h, w] in [0, 1] -> [B, 3, s*h, s*w]`` with ``.scale``; the
-    architecture is detected by spandrel."""
-    try:
-        from spandrel import ImageModelDescriptor, ModelLoader
-    except ImportError:
-        raise InputError(
-            "upscaler models need the 'spandrel' package (pip install spandrel; it requires "
-            "torchvision), which is not installed"
-        ) from None
+    module ``images [B, C, h, w] in [0, 1] -> [B, C, s*h, s*w]`` with ``.scale``; the
+    architecture is detected from the keys and shapes
+    (:func:`noisecraft.models.upscalers.upscaler_from_state_dict`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"upscale model {path} does not exist")
-    descriptor = ModelLoader(device=device).load_from_file(str(path))
-    if not isinstance(descriptor, ImageModelDescriptor):
-        raise InputError(f"{path} is not an image-to-image upscaler "
-                         f"({type(descriptor).__name__})")
-    model = descriptor.model.eval().requires_grad_(False)
-    model.scale = descriptor.scale
-    return model
+    sd = _upscaler_tensors(path)
+    try:
+        model = upscaler_from_state_dict(sd)
+    except UnknownUpscaler as e:
+        keys = ", ".join(sorted(sd)[:6])
+        raise InputError(f"upscale model {path}: {e} (its first keys: {keys})") from None
+    return model.to(device) if device is not None else model
 
 
 def _ramp(n: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
@@ -94,3 +110,27 @@ def upscale_tiled(model, images: torch.Tensor, scale: int, *, tile: int = 512,
             out[region] += part.cpu() * mask
             weight[region] += mask
     return out / weight
+
+
+def upscale_with_model(model, images: torch.Tensor, *, tile: int = 512, overlap: int = 32,
+                       min_tile: int = 128) -> torch.Tensor:
+    """ComfyUI's ImageUpscaleWithModel: ``images`` [B, C, H, W] in [0, 1] through ``model``
+    (with ``.scale``) in ``tile`` px tiles overlapping by ``overlap`` px, on the model's
+    device; when the device runs out of memory the tile is halved (down to ``min_tile``), as
+    ComfyUI does.  Returns [B, C, s*H, s*W] float32 on the CPU, clamped to [0, 1]."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return model(x.to(device, dtype))
+
+    while True:
+        try:
+            out = upscale_tiled(run, images.float(), int(model.scale), tile=tile,
+                                overlap=overlap)
+            return out.clamp(0, 1)
+        except torch.OutOfMemoryError:
+            if tile // 2 < min_tile:
+                raise
+            tile //= 2
