@@ -228,6 +228,10 @@ def generate(
     progress.write_gif()
 
 
+QUEUE_HELP = "Job queue: sqlite (queue.db in the data folder) or redis (workers anywhere)."
+REDIS_URL_HELP = "Redis of --queue redis: redis://[:PASSWORD@]HOST:PORT/DB."
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -251,6 +255,9 @@ def serve(
     web_dir: Annotated[Path | None, typer.Option(help="Static web UI folder, served at /.")] = (
         None
     ),
+    queue: Annotated[str, typer.Option(help=QUEUE_HELP)] = "sqlite",
+    redis_url: Annotated[str | None, typer.Option(help=REDIS_URL_HELP,
+                                                  envvar="NOISECRAFT_REDIS_URL")] = None,
 ) -> None:
     """Serve the ComfyUI and AUTOMATIC1111 APIs; workers run the jobs."""
     from noisecraft.server.config import Auth, ConfigError, QueueConfig, ServerConfig
@@ -259,7 +266,8 @@ def serve(
         config = ServerConfig(
             host=host, port=port, data_dir=data_dir, auth=Auth.parse(api_auth, api_key),
             insecure=insecure, cors_allow=tuple(cors_allow or ()), workers=workers,
-            device=device, queue=QueueConfig(lease_seconds=lease_seconds), web_dir=web_dir,
+            device=device, web_dir=web_dir,
+            queue=QueueConfig(lease_seconds=lease_seconds, backend=queue, redis_url=redis_url),
         ).check()
     except ConfigError as e:
         raise typer.BadParameter(str(e)) from None
@@ -279,15 +287,22 @@ def worker(
     ),
     poll_seconds: Annotated[float, typer.Option(help="Idle wait between queue polls.")] = 0.2,
     max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.")] = None,
+    queue: Annotated[str, typer.Option(help=QUEUE_HELP)] = "sqlite",
+    redis_url: Annotated[str | None, typer.Option(help=REDIS_URL_HELP,
+                                                  envvar="NOISECRAFT_REDIS_URL")] = None,
 ) -> None:
     """Run jobs from a server's queue (the server starts these; run more on other machines
-    that share the data folder)."""
-    from noisecraft.server.config import QueueConfig, WorkerConfig
+    that share the data folder, with --queue redis)."""
+    from noisecraft.server.config import ConfigError, QueueConfig, WorkerConfig
     from noisecraft.server.worker import run_worker_process
 
+    try:
+        queue_config = QueueConfig(lease_seconds=lease_seconds, poll_seconds=poll_seconds,
+                                   backend=queue, redis_url=redis_url).check()
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from None
     config = WorkerConfig(data_dir=data_dir, device=device, max_jobs=max_jobs,
-                          queue=QueueConfig(lease_seconds=lease_seconds,
-                                            poll_seconds=poll_seconds))
+                          queue=queue_config)
     run_worker_process(config)
 
 

@@ -10,3 +10,14 @@ if [ ! -x /usr/bin/chromium ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium
 fi
 /usr/bin/chromium --version 2>/dev/null || true
+
+# ---- redis-server (tests/server/test_redis_scaleout.py: --queue redis) -----------------
+# Debian's redis-server; the tests start their own instance on a free 127.0.0.1 port, so
+# the package's system service is not needed.  Idempotent: skipped when already installed.
+if ! command -v redis-server >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server
+fi
+redis-server --version 2>/dev/null || true

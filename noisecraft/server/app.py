@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.concurrency import run_in_threadpool
 
 from noisecraft import __version__
 from noisecraft.graph import NodeRegistry
 from noisecraft.server import a1111, comfy, events, files, generate, web_routes
+from noisecraft.server.backends import on_server_start, open_queue
 from noisecraft.server.config import Folders, ServerConfig
 from noisecraft.server.events import EventHub
 from noisecraft.server.jobqueue import JobQueue
@@ -36,7 +38,7 @@ class ServerState:
 
     config: ServerConfig
     folders: Folders
-    queue: JobQueue
+    queue: JobQueue  # or a RedisJobQueue (--queue redis): the same methods
     registry: NodeRegistry
     hub: EventHub
 
@@ -47,13 +49,14 @@ def create_app(config: ServerConfig, *, registry: NodeRegistry | None = None,
     elsewhere (``noisecraft worker --data-dir ...``), as tests and multi-machine setups do."""
     config.check()
     folders = config.folders.create()
-    queue = JobQueue(folders.db)
+    queue = open_queue(config.queue, folders)
     state = ServerState(config, folders, queue,
                         registry if registry is not None else default_registry(),
                         EventHub(queue))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        await run_in_threadpool(on_server_start, queue)
         supervisor = Supervisor(config).start() if start_workers and config.workers else None
         await state.hub.start()
         try:

@@ -2,7 +2,8 @@
 
 Layout of ``data_dir``::
 
-    queue.db             the job queue, history and event log (SQLite, WAL)
+    queue.db             the job queue, history and event log (SQLite, WAL; unused with
+                         --queue redis, where they live in Redis)
     input/               uploads (/upload/image) and images sent with A1111 requests
     output/              generated images
     temp/                previews and temporary images
@@ -115,13 +116,47 @@ class Folders:
         )
 
 
+QUEUE_BACKENDS = ("sqlite", "redis")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
 @dataclass(frozen=True)
 class QueueConfig:
-    """Lease timing: a worker renews its lease every ``lease_seconds / 4``; a job whose
-    lease expired (its worker died or hung) is claimed again by another worker."""
+    """Where the queue lives and its lease timing.  ``backend`` "sqlite": ``queue.db`` in
+    the data folder (one machine); "redis": the Redis server at ``redis_url`` (workers on
+    many machines sharing the data folder).  A worker renews its lease every
+    ``lease_seconds / 4``; a job whose worker died or hung (lease expired; on Redis: no
+    heartbeat for ``lease_seconds``) is run again by another worker."""
 
     lease_seconds: float = 30.0
     poll_seconds: float = 0.2
+    backend: str = "sqlite"
+    redis_url: str | None = None
+
+    def check(self) -> QueueConfig:
+        if self.backend not in QUEUE_BACKENDS:
+            raise ConfigError(f"--queue must be one of {', '.join(QUEUE_BACKENDS)}, "
+                              f"got {self.backend!r}")
+        if self.backend == "sqlite":
+            if self.redis_url:
+                raise ConfigError(
+                    "--redis-url (or NOISECRAFT_REDIS_URL) is set but --queue is sqlite; "
+                    "pass --queue redis to use Redis, or unset the URL")
+            return self
+        if not self.redis_url:
+            raise ConfigError("--queue redis needs --redis-url redis://HOST:PORT/DB "
+                              "(or the NOISECRAFT_REDIS_URL environment variable)")
+        scheme = self.redis_url.partition("://")[0]
+        if scheme not in REDIS_SCHEMES or "://" not in self.redis_url:
+            shown = self.redis_url.rpartition("@")[2]  # never print a password
+            raise ConfigError(f"--redis-url must start with redis://, rediss:// or unix://, "
+                              f"got {shown!r}")
+        if self.lease_seconds < 2:
+            raise ConfigError(
+                f"--lease-seconds must be at least 2 with --queue redis, got "
+                f"{self.lease_seconds}: workers send a heartbeat about once a second, and "
+                "a shorter lease would give the jobs of living workers to others")
+        return self
 
 
 @dataclass(frozen=True)
@@ -148,6 +183,7 @@ class ServerConfig:
             raise ConfigError(f"--port must lie in [0, 65535], got {self.port}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        self.queue.check()
         if not is_local(self.host) and not self.auth.enabled and not self.insecure:
             raise ConfigError(
                 f"refusing to listen on {self.host!r} without authentication: anyone who can "

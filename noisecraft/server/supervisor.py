@@ -1,9 +1,11 @@
 """Worker processes started next to the server (``serve --workers N``).
 
-Each worker is ``python -m noisecraft.cli worker --data-dir DIR``: the same command one runs on
-another machine sharing the data folder.  A worker that dies is started again (after a short
-pause that grows while it keeps dying); its job's lease is freed at once by the new worker
-(``JobQueue.release_dead``), so the job runs again.
+Each worker is ``python -m noisecraft.cli worker --data-dir DIR`` (plus ``--queue redis``,
+with the URL in ``NOISECRAFT_REDIS_URL`` so that no password shows in the process list): the
+same command one runs on another machine sharing the data folder.  A worker that dies is
+started again (after a short pause that grows while it keeps dying); its job runs again:
+on SQLite the new worker frees the dead one's lease at once (``JobQueue.release_dead``), on
+Redis another worker takes it when the dead one's heartbeat is ``lease_seconds`` old.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import threading
 from noisecraft.server.config import ServerConfig
 
 log = logging.getLogger(__name__)
+REDIS_URL_ENV = "NOISECRAFT_REDIS_URL"  # read by `noisecraft serve/worker --redis-url`
 
 
 def worker_command(config: ServerConfig) -> list[str]:
@@ -26,7 +29,16 @@ def worker_command(config: ServerConfig) -> list[str]:
            "--poll-seconds", str(config.queue.poll_seconds)]
     if config.device:
         cmd += ["--device", config.device]
+    if config.queue.backend != "sqlite":
+        cmd += ["--queue", config.queue.backend]
     return cmd
+
+
+def worker_env(config: ServerConfig) -> dict[str, str]:
+    env = os.environ.copy()
+    if config.queue.redis_url:
+        env[REDIS_URL_ENV] = config.queue.redis_url
+    return env
 
 
 class Supervisor:
@@ -46,7 +58,7 @@ class Supervisor:
         return self
 
     def _spawn(self) -> subprocess.Popen:
-        proc = subprocess.Popen(worker_command(self.config), env=os.environ.copy())
+        proc = subprocess.Popen(worker_command(self.config), env=worker_env(self.config))
         log.info("started worker pid %d", proc.pid)
         return proc
 

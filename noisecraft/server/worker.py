@@ -101,8 +101,9 @@ class _Heartbeat:
 
 
 class Worker:
-    """Runs jobs from ``config.data_dir``'s queue.  ``engine`` and ``registry`` default to a
-    new :class:`~noisecraft.engine.Engine` on ``config.device`` and the built-in nodes."""
+    """Runs jobs from the queue ``config.queue`` names (``config.data_dir``'s SQLite file by
+    default).  ``engine`` and ``registry`` default to a new :class:`~noisecraft.engine.Engine`
+    on ``config.device`` and the built-in nodes."""
 
     def __init__(self, config: WorkerConfig, *, engine=None, registry: NodeRegistry | None = None,
                  queue: JobQueue | None = None) -> None:
@@ -115,7 +116,11 @@ class Worker:
         self.engine = engine
         self.registry = registry if registry is not None else default_registry()
         self.executor = Executor(self.registry)
-        self.queue = queue or JobQueue(self.folders.db)
+        if queue is None:
+            from noisecraft.server.backends import open_queue
+
+            queue = open_queue(config.queue, self.folders)
+        self.queue = queue
         self.identity = worker_identity()
         self.current: Job | None = None
 
@@ -124,6 +129,10 @@ class Worker:
     def run(self, stop: threading.Event | None = None) -> int:
         """Claim and run jobs until ``stop`` is set (or ``config.max_jobs`` ran)."""
         stop = stop or threading.Event()
+        if self.config.queue.backend == "redis":  # jobs arrive as Dramatiq messages
+            from noisecraft.server.backends.redis_worker import consume
+
+            return consume(self, stop)
         done = 0
         self.queue.release_dead()
         while not stop.is_set():
@@ -137,10 +146,16 @@ class Worker:
 
     def run_one(self, stop: threading.Event | None = None) -> bool:
         """Claim one job and run it; False when the queue had nothing to run."""
-        lease = self.config.queue.lease_seconds
-        job = self.queue.claim(self.identity, lease)
+        job = self.queue.claim(self.identity, self.config.queue.lease_seconds)
         if job is None:
             return False
+        self.run_job(job, stop)
+        return True
+
+    def run_job(self, job: Job, stop: threading.Event | None = None) -> None:
+        """Run a job this worker claimed, and record its outcome (or give it back when
+        ``stop`` interrupted it)."""
+        lease = self.config.queue.lease_seconds
         self.current = job
         cancel = CancelToken()
         try:
@@ -151,17 +166,16 @@ class Worker:
             if stop is not None and stop.is_set() and status == INTERRUPTED:
                 self.queue.release(job, self.identity)  # shutting down: someone else runs it
                 _delete(files)
-                return True
+                return
             if beat.lost or not self.queue.finish(job, self.identity, status, result):
                 log.warning("job %s attempt %d lost its lease; its result is discarded",
                             job.id, job.attempt)
                 _delete(files)
-                return True
+                return
             self.queue.publish("job_finished", {"prompt_id": job.id, "status": status},
                                job_id=job.id, client_id=job.client_id)
         finally:
             self.current = None
-        return True
 
     # ---- execution ----------------------------------------------------------------------
 
