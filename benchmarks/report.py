@@ -23,6 +23,7 @@ def markdown(result: dict) -> str:
             "  (LOADED MACHINE: compare ratios within a suite, not absolute times)"
             if max(before["loadavg_1_5_15"][0], after["loadavg_1_5_15"][0]) > m["nproc"] / 2
             else ""),
+        f"OMP_WAIT_POLICY: {result['args'].get('omp_wait_policy', 'default')}",
     ]
     for suite, rows in result["results"].items():
         base = next((r for r in rows if r.get("label") == "eager" and "median_s" in r), None)
