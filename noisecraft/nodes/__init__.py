@@ -23,10 +23,11 @@ def model_nodes() -> tuple:
     from noisecraft.nodes.loaders import LOADER_NODES
     from noisecraft.nodes.samplers import SAMPLER_NODES
     from noisecraft.nodes.teaching import TEACHING_NODES
+    from noisecraft.nodes.upscale import UPSCALE_NODES
     from noisecraft.nodes.vae import VAE_NODES
 
     return (*LOADER_NODES, *CONDITIONING_NODES, *SAMPLER_NODES, *VAE_NODES, *TEACHING_NODES,
-            *CONTROL_NODES)
+            *CONTROL_NODES, *UPSCALE_NODES)
 
 
 def register_builtin_nodes(registry: NodeRegistry, *, models: bool = True) -> NodeRegistry:
