@@ -168,13 +168,13 @@ def main(argv=None) -> int:
             print(f"making random weights: {model}", flush=True)
             subprocess.run([sys.executable, str(ROOT / "benchmarks" / "workloads.py"), model,
                             weights[model]], check=True, cwd=ROOT)
+        stamp = datetime.now().strftime("%Y-%m-%d-%H%M")
+        out = args.out or ROOT / "benchmarks" / "results" / f"{stamp}-{socket.gethostname()}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         for suite in suites:
             result["results"][suite] = run_suite(suite, args, weights, tmp)
-    result["load_after"] = _load()
-    stamp = datetime.now().strftime("%Y-%m-%d-%H%M")
-    out = args.out or ROOT / "benchmarks" / "results" / f"{stamp}-{socket.gethostname()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+            result["load_after"] = _load()
+            out.write_text(json.dumps(result, indent=2))  # after each suite: partial results
     print(markdown(result))
     print(f"\nwritten: {out}")
     return 0

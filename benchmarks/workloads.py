@@ -9,7 +9,6 @@ and each process's peak RSS holds exactly one copy of the weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,8 +183,6 @@ def chunk_ids(ids: list[int], length: int = 77) -> list[int]:
     ids = [BOS_ID, *ids[: length - 2], EOS_ID]
     return ids + [EOS_ID] * (length - len(ids))
 
-
-Call = Callable[[], torch.Tensor]
 
 
 if __name__ == "__main__":  # python benchmarks/workloads.py <model> <path>: make weights
