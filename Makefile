@@ -8,7 +8,7 @@ PIP := $(BIN)/pip install -q -c constraints.txt
 PROMPT ?= a small red circle at the top left on a blue background
 OUT ?= out/image.png
 
-.PHONY: install install-test generate test lint
+.PHONY: install install-test generate test lint sysdeps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,10 @@ generate: install
 lint: install-test
 	$(BIN)/ruff check noisecraft tests benchmarks
 
-test: lint
+# System packages some tests need (Debian's chromium for the web UI, redis-server for the
+# scale-out queue); idempotent, installs only what is missing.
+sysdeps:
+	bash scripts/ci_deps.sh
+
+test: lint sysdeps
 	$(BIN)/pytest -q $(PYTEST_ARGS)
