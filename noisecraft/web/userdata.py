@@ -24,8 +24,10 @@ from noisecraft.graph import UnsafePathError, safe_join
 SETTINGS_FILE = "comfy.settings.json"
 USER = "default"
 # Settings the editor gets until the user changes them: this server is offline, so the
-# editor's check for new ComfyUI releases (a request to comfy.org) is off.
-SETTING_DEFAULTS = {"Comfy.Notification.ShowVersionUpdates": False}
+# editor's check for new ComfyUI releases (a request to comfy.org) is off, and its first-run
+# template browser (noisecraft ships no templates) is skipped for the default workflow.
+SETTING_DEFAULTS = {"Comfy.Notification.ShowVersionUpdates": False,
+                    "Comfy.TutorialCompleted": True}
 STARTER_FILES = {"comfy.templates.json": "[]", "user.css": ""}
 
 

@@ -1,20 +1,19 @@
 // noisecraft's extension for the ComfyUI editor (listed by GET /editor/api/extensions).
-// The editor's stock default graph names a checkpoint ("v1-5-pruned-emaonly...") that this
-// server does not have.  Wherever the editor loads that stock graph (first visit, "Load
+// The editor's stock default graph names models this server does not have (and links to
+// downloads of them).  Wherever the editor loads that stock graph (first visit, "Load
 // Default Workflow"), load the server's default instead: the same txt2img graph for a
 // checkpoint the server has, or an empty graph when the server cannot run it (the reason is
 // logged).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const STOCK_CHECKPOINT = /^v1-5-pruned-emaonly/;
 const BLANK = { last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [],
   config: {}, extra: {}, version: 0.4 };
 
 function isStockDefault(graph) {
-  const nodes = Array.isArray(graph?.nodes) ? graph.nodes : [];
-  return nodes.some((n) => n.type === "CheckpointLoaderSimple" &&
-    STOCK_CHECKPOINT.test(String(n.widgets_values?.[0] ?? "")));
+  const stock = window.comfyAPI?.defaultGraph?.defaultGraph;
+  if (!stock || !graph) return false;
+  return graph === stock || JSON.stringify(graph) === JSON.stringify(stock);
 }
 
 app.registerExtension({
