@@ -94,6 +94,10 @@ class GuardMiddleware:
                 headers=[(b"www-authenticate", b'Basic realm="noisecraft"')])
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
+        if any(part in (".", "..") for part in scope["path"].split("/")):
+            # decoded paths such as /object_info/..%2f would otherwise reach the static mount
+            return await _send_json(send, 400, error_body(
+                "invalid_path", f"path segments '.' and '..' are not allowed: {scope['path']!r}"))
         declared = _header(scope, b"content-length")
         limit = self.limits.max_body_bytes
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
