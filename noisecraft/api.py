@@ -11,6 +11,7 @@ model again; pass one ``Engine`` to keep models loaded across calls.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,6 +80,7 @@ def generate_image(
     guidance_rescale: float = 0.0,
     eta: float | None = None,
     controlnets: Sequence[Any] = (),
+    embeddings_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     callback: ProgressCallback | None = None,
@@ -110,6 +112,8 @@ def generate_image(
             ``preprocessor``: ``"none"`` or ``"canny"``) or a ``ControlNetUnit``; ``model`` is a
             file/folder path, a name registered on the engine, or a loaded ``ControlNet``
             (registered on the engine for the call); ``image`` a path or PIL image.
+        embeddings_dir: a folder of textual-inversion embeddings (``.pt`` / ``.safetensors``)
+            that prompts name as ``embedding:name`` (ComfyUI) or by the bare name (A1111).
         device, dtype: for a new engine (ignored when ``engine`` is given).
         callback: called with a ``ProgressEvent`` after every step.
         cancel: a ``CancelToken``; cancelling raises ``Interrupted`` (no partial result).
@@ -129,6 +133,7 @@ def generate_image(
         outpaint_fill=outpaint_fill, hires_scale=hires_scale, hires_upscale=hires_upscale,
         hires_steps=hires_steps, hires_strength=hires_strength, eta=eta,
         controlnets=tuple(_control_entry(engine, c) for c in controlnets),
+        embeddings_dir=embeddings_dir,
     )
     result = engine.generate(request, callback=callback, cancel=cancel)
     images = [_annotated(g) for g in result.images]

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from noisecraft.embeddings import PromptEmbeddings
 from noisecraft.models.family import ModelBundle
 from noisecraft.models.unet import sdxl_refiner_vector, sdxl_vector
 
@@ -42,14 +43,16 @@ def encode_conditioning(
     width: int,
     height: int,
     clip_skip: int | None = None,
+    embeddings: PromptEmbeddings | None = None,
 ) -> Conditioning:
     """Encode ``prompt`` and ``negative_prompt`` for ``bundle``'s family at the output size.
 
     ``clip_skip`` None uses each encoder's default (SD1 1, SD2 2, SDXL 2: penultimate layer).
+    ``embeddings``: textual-inversion embeddings the prompts may name.
     """
     arrangement = bundle.family.text
     embedding = bundle.text_encoder.encode_prompts(
-        [prompt, negative_prompt], clip_skip=clip_skip
+        [prompt, negative_prompt], clip_skip=clip_skip, embeddings=embeddings
     )
     context = embedding.context.float()
     cond, uncond = {"context": context[:1]}, {"context": context[1:]}

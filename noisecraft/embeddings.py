@@ -176,3 +176,64 @@ def list_embeddings(folders) -> dict[str, Any]:
         loaded[name] = {"step": emb.step, "sd_checkpoint": None, "sd_checkpoint_name": None,
                         "shape": max(emb.widths.values()), "vectors": emb.num_vectors}
     return {"loaded": loaded, "skipped": skipped}
+
+
+class PromptEmbeddings:
+    """The embeddings prompts may name: ``{name: file or Embedding}``, loaded when a prompt first
+    names them (then kept by this object).  :meth:`splitter` gives the function
+    :func:`noisecraft.prompts.tokenize_spans` uses to put their vectors in place of tokens."""
+
+    def __init__(self, entries: dict[str, Path | Embedding]) -> None:
+        self._entries = dict(entries)
+        self._loaded: dict[str, Embedding] = {}
+
+    @classmethod
+    def from_dir(cls, folder: str | os.PathLike) -> PromptEmbeddings:
+        """Every embedding file under ``folder`` (subfolders too), named by its path relative to
+        ``folder`` without the suffix (AUTOMATIC1111's ``--embeddings-dir``)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(f"embeddings folder {folder} does not exist or is not a folder")
+        files = sorted(p for p in folder.rglob("*")
+                       if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES)
+        out: dict[str, Path | Embedding] = {}
+        for p in files:
+            out.setdefault(p.relative_to(folder).with_suffix("").as_posix(), p)
+        return cls(out)
+
+    @classmethod
+    def from_folders(cls, folders) -> PromptEmbeddings:
+        """The ``embeddings`` folders of a :class:`~noisecraft.models_folder.ModelFolders`."""
+        return cls(dict(embedding_files(folders)))
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> Embedding:
+        if name not in self._loaded:
+            entry = self._entries[name]
+            self._loaded[name] = entry if isinstance(entry, Embedding) else load_embedding(
+                entry, name)
+        return self._loaded[name]
+
+    def splitter(self, width: int, key: str | None = None):
+        """``text -> [text | vectors, ...]`` for a text encoder of ``width`` (``key``: ``clip_l``
+        / ``clip_g``, which of an SDXL file's vectors); a misfit raises an InputError naming the
+        embedding and its widths."""
+        names = set(self._entries)
+
+        def split(text: str) -> list:
+            parts: list = []
+            pos = 0
+            for start, end, name in embedding_references(text, names):
+                if start > pos:
+                    parts.append(text[pos:start])
+                rows = self.get(name).vectors_for(width, key).tolist()
+                parts.append(tuple(tuple(r) for r in rows))
+                pos = end
+            if pos < len(text) or not parts:
+                parts.append(text[pos:])
+            return parts
+
+        return split

@@ -22,14 +22,25 @@ Long prompts: as in AUTOMATIC1111, token ids are laid out in chunks of 75, each 
 contexts are concatenated along the token axis. When a chunk fills up and a comma lies within the
 last ``comma_backtrack`` (20) tokens, the words after that comma move to the next chunk, so a
 phrase is not cut in half.
+
+Textual-inversion embeddings: with ``embeddings`` (a function splitting span text into text and
+embedding vectors: :meth:`noisecraft.embeddings.PromptEmbeddings.splitter`) an embedding named in
+the prompt takes one position per vector; its ids there are placeholders (the BOS id) and the
+chunk's ``vectors`` carry what the text encoder puts in place of those token embeddings (the
+AUTOMATIC1111 / ComfyUI way), with the span's weight like any token.  An embedding that does not
+fit in the rest of a chunk starts the next one (as in AUTOMATIC1111).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
+
+Vector = tuple[float, ...]
+EmbeddingSplitter = Callable[[str], list["str | tuple[Vector, ...]"]]
+"""Text -> its pieces in order: plain text, or the vectors of an embedding named there."""
 
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1
@@ -131,10 +142,13 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class TokenChunk:
-    """One encoder input: ``ids`` (``[BOS] tokens [EOS] pad...``) and a weight per position."""
+    """One encoder input: ``ids`` (``[BOS] tokens [EOS] pad...``), a weight per position, and
+    ``vectors``: ``(position, vector)`` pairs replacing the token embedding at those positions
+    (textual-inversion embeddings)."""
 
     ids: tuple[int, ...]
     weights: tuple[float, ...]
+    vectors: tuple[tuple[int, Vector], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.weights):
@@ -144,10 +158,31 @@ class TokenChunk:
             )
 
 
-def _wrap(tokens: list[int], weights: list[float], tokenizer: Tokenizer) -> TokenChunk:
+def _wrap(tokens: list[int], weights: list[float], tokenizer: Tokenizer,
+          vectors: Sequence[Vector | None] = ()) -> TokenChunk:
     pad = CHUNK_LENGTH - len(tokens)
     ids = [tokenizer.bos_id, *tokens, tokenizer.eos_id] + [tokenizer.pad_id] * pad
-    return TokenChunk(tuple(ids), (1.0, *weights, *([1.0] * (pad + 1))))
+    placed = tuple((i + 1, v) for i, v in enumerate(vectors) if v is not None)
+    return TokenChunk(tuple(ids), (1.0, *weights, *([1.0] * (pad + 1))), placed)
+
+
+def _items(spans: Sequence[Span], tokenizer: Tokenizer, embeddings: EmbeddingSplitter | None):
+    """Per span: ``(token id, vector or None, group length)`` items; an embedding's first item
+    carries its vector count as group length (0 elsewhere), so it can be kept in one chunk."""
+    pieces = [[s.text] if embeddings is None or s == BREAK else embeddings(s.text) for s in spans]
+    texts = [p for ps in pieces for p in ps if isinstance(p, str)]
+    ids = iter(tokenizer.encode_batch(texts))
+    out = []
+    for ps in pieces:
+        items = []
+        for piece in ps:
+            if isinstance(piece, str):
+                items += [(t, None, 0) for t in next(ids)]
+            else:
+                items += [(tokenizer.bos_id, v, len(piece) if i == 0 else 0)
+                          for i, v in enumerate(piece)]
+        out.append(items)
+    return out
 
 
 def empty_chunk(tokenizer: Tokenizer) -> TokenChunk:
@@ -156,31 +191,33 @@ def empty_chunk(tokenizer: Tokenizer) -> TokenChunk:
 
 
 def tokenize_spans(
-    spans: Sequence[Span], tokenizer: Tokenizer, *, comma_backtrack: int = COMMA_BACKTRACK
+    spans: Sequence[Span], tokenizer: Tokenizer, *, comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: EmbeddingSplitter | None = None,
 ) -> list[TokenChunk]:
     """Lay weighted spans out in 77-token chunks (see the module docstring).
 
     Each span is tokenized on its own (as AUTOMATIC1111 does), so a bracket inside a word splits
     it. ``comma_backtrack=0`` disables moving the words after a late comma to the next chunk.
+    ``embeddings`` finds textual-inversion embeddings in span text (module docstring).
     """
     comma_id = tokenizer.encode(",")[0]
-    token_lists = tokenizer.encode_batch([s.text for s in spans])
     chunks: list[TokenChunk] = []
     tokens: list[int] = []
     weights: list[float] = []
+    vectors: list[Vector | None] = []
     last_comma = -1
 
     def close_chunk() -> None:
-        nonlocal tokens, weights, last_comma
-        chunks.append(_wrap(tokens, weights, tokenizer))
-        tokens, weights, last_comma = [], [], -1
+        nonlocal tokens, weights, vectors, last_comma
+        chunks.append(_wrap(tokens, weights, tokenizer, vectors))
+        tokens, weights, vectors, last_comma = [], [], [], -1
 
-    for span, ids in zip(spans, token_lists, strict=True):
+    for span, items in zip(spans, _items(spans, tokenizer, embeddings), strict=True):
         if span == BREAK:
             close_chunk()
             continue
-        for token in ids:
-            if token == comma_id:
+        for token, vector, group in items:
+            if token == comma_id and vector is None:
                 last_comma = len(tokens)
             elif (
                 comma_backtrack > 0
@@ -189,24 +226,29 @@ def tokenize_spans(
                 and len(tokens) - last_comma <= comma_backtrack
             ):
                 keep = last_comma + 1
-                moved = tokens[keep:], weights[keep:]
-                tokens, weights = tokens[:keep], weights[:keep]
+                moved = tokens[keep:], weights[keep:], vectors[keep:]
+                tokens, weights, vectors = tokens[:keep], weights[:keep], vectors[:keep]
                 close_chunk()
-                tokens, weights = list(moved[0]), list(moved[1])
-            if len(tokens) == CHUNK_LENGTH:
+                tokens, weights, vectors = (list(m) for m in moved)
+            if len(tokens) == CHUNK_LENGTH or (
+                tokens and len(tokens) + group > CHUNK_LENGTH >= group
+            ):
                 close_chunk()
             tokens.append(token)
             weights.append(span.weight)
+            vectors.append(vector)
     if tokens or not chunks:
         close_chunk()
     return chunks
 
 
 def tokenize_weighted(
-    prompt: str, tokenizer: Tokenizer, *, comma_backtrack: int = COMMA_BACKTRACK
+    prompt: str, tokenizer: Tokenizer, *, comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: EmbeddingSplitter | None = None,
 ) -> list[TokenChunk]:
     """Parse the weighting syntax of ``prompt`` and lay it out in 77-token chunks."""
-    return tokenize_spans(parse_prompt_weights(prompt), tokenizer, comma_backtrack=comma_backtrack)
+    return tokenize_spans(parse_prompt_weights(prompt), tokenizer,
+                          comma_backtrack=comma_backtrack, embeddings=embeddings)
 
 
 def pad_chunks(chunks: Sequence[TokenChunk], n: int, tokenizer: Tokenizer) -> list[TokenChunk]:

@@ -193,8 +193,11 @@ class GenerationRequest:
     hires_strength: float = 0.5
     eta: float | None = None
     controlnets: tuple[ControlNetUnit, ...] = ()
+    embeddings_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.embeddings_dir is not None:
+            object.__setattr__(self, "embeddings_dir", os.fspath(self.embeddings_dir))
         object.__setattr__(self, "controlnets",
                            tuple(ControlNetUnit.of(c) for c in self.controlnets or ()))
         if not isinstance(self.prompt, str):

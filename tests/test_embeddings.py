@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from noisecraft.api import generate_image
+from noisecraft.conditioning import encode_conditioning
 from noisecraft.embeddings import (
+    Embedding,
+    PromptEmbeddings,
     embedding_files,
     embedding_references,
     list_embeddings,
     load_embedding,
 )
+from noisecraft.engine import Engine
+from noisecraft.models.tokenizer import CLIPTokenizer
 from noisecraft.models_folder import ModelFolders
+from noisecraft.prompts import tokenize_weighted
 from noisecraft.request import InputError
+from tests.fixtures.checkpoints import write_single_file
 
 
 class Executable:
@@ -76,3 +85,100 @@ def test_references_in_comfyui_and_a1111_syntax():
     with pytest.raises(InputError, match="embedding 'nope', which is not in the embeddings "
                                          "folder; known: bad-hands, sub/sd2, xl"):
         embedding_references("embedding:nope", names)
+
+
+# ---- embeddings reach the text encoder ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("ckpt")
+    return {f: write_single_file(root / f"{f}.safetensors", f) for f in ("sd1", "sdxl")}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(device="cpu")
+
+
+def _token_vector(encoder, word: str) -> torch.Tensor:
+    """The input embedding of ``word`` (one CLIP token) in ``encoder``."""
+    (token,) = encoder.tokenizer.encode(word)
+    return encoder.text_model.embeddings.token_embedding.weight[token].detach().clone()
+
+
+def _cond(bundle, prompt: str, embeddings=None):
+    return encode_conditioning(bundle, prompt, "blurry", width=16, height=16,
+                               embeddings=embeddings)
+
+
+def _assert_same(a, b):
+    for side in ("cond", "uncond"):
+        x, y = getattr(a, side), getattr(b, side)
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-6)
+
+
+def test_embedding_equal_to_a_token_gives_that_tokens_conditioning(tiny_models, engine):
+    bundle = engine.model(tiny_models["sd1"])
+    red = _token_vector(bundle.text_encoder, "red")
+    embs = PromptEmbeddings({"crimson": Embedding("crimson", {"": red[None]})})
+    for plain, with_emb in (("a red cat", "a embedding:crimson cat"),
+                            ("a (red:1.3) cat", "a (embedding:crimson:1.3) cat"),
+                            ("a red cat", "a crimson cat")):  # A1111: the bare name
+        _assert_same(_cond(bundle, with_emb, embs), _cond(bundle, plain))
+    other = _cond(bundle, "a blue cat").cond["context"]
+    assert (other - _cond(bundle, "a red cat").cond["context"]).abs().max() > 1e-3
+
+
+def test_sdxl_embedding_reaches_both_encoders(tiny_models, engine):
+    bundle = engine.model(tiny_models["sdxl"])
+    clip_l, clip_g = bundle.text_encoder.embedders
+    emb = Embedding("xl", {"clip_l": _token_vector(clip_l, "red")[None],
+                           "clip_g": _token_vector(clip_g, "red")[None]})
+    _assert_same(_cond(bundle, "a embedding:xl cat", PromptEmbeddings({"xl": emb})),
+                 _cond(bundle, "a red cat"))
+    # the vectors go to their own encoder: swapping them changes the conditioning
+    swapped = Embedding("xl", {"clip_l": emb.vectors["clip_g"], "clip_g": emb.vectors["clip_l"]})
+    got = _cond(bundle, "a embedding:xl cat", PromptEmbeddings({"xl": swapped}))
+    assert (got.cond["context"] - _cond(bundle, "a red cat").cond["context"]).abs().max() > 1e-3
+
+
+def test_embedding_gives_the_same_image_as_its_token(tiny_models, engine, tmp_path):
+    bundle = engine.model(tiny_models["sd1"])
+    red = _token_vector(bundle.text_encoder, "red")
+    save_file({"emb_params": red[None].contiguous()}, str(tmp_path / "crimson.safetensors"))
+    settings = dict(model=str(tiny_models["sd1"]), steps=2, seed=7, width=16, height=16,
+                    engine=engine)
+    token = np.asarray(generate_image("a red cat", **settings))
+    emb = generate_image("a embedding:crimson cat", embeddings_dir=tmp_path, **settings)
+    np.testing.assert_array_equal(np.asarray(emb), token)
+    assert not np.array_equal(np.asarray(generate_image("a blue cat", **settings)), token)
+
+
+def test_wrong_width_in_a_prompt_is_a_clear_error(tiny_models, engine, tmp_path):
+    save_file({"emb_params": torch.zeros(2, 768)}, str(tmp_path / "sd15-style.safetensors"))
+    with pytest.raises(InputError, match=r"embedding 'sd15-style' .*takes \d+-wide token "
+                                         r"vectors, the embedding has vectors 768"):
+        generate_image("embedding:sd15-style, a cat", model=str(tiny_models["sd1"]), steps=1,
+                       width=16, height=16, engine=engine, embeddings_dir=tmp_path)
+    with pytest.raises(InputError, match="embeddings folder .*missing does not exist"):
+        generate_image("a cat", model=str(tiny_models["sd1"]), steps=1, width=16, height=16,
+                       engine=engine, embeddings_dir=tmp_path / "missing")
+
+
+def test_embedding_positions_and_chunk_boundary():
+    tokenizer = CLIPTokenizer()
+    vec = (0.5,) * 4
+    embs = PromptEmbeddings({"three": Embedding("three", {"": torch.full((3, 4), 0.5)})})
+    (chunk,) = tokenize_weighted("a (embedding:three:1.5) cat", tokenizer,
+                                 embeddings=embs.splitter(4))
+    assert chunk.vectors == ((2, vec), (3, vec), (4, vec))
+    assert chunk.weights[1:6] == (1.0, 1.5, 1.5, 1.5, 1.0)
+    # 73 words then a 3-vector embedding: it does not fit the 75 slots, so it starts chunk 2
+    chunks = tokenize_weighted("cat " * 73 + "embedding:three", tokenizer, comma_backtrack=0,
+                               embeddings=embs.splitter(4))
+    assert len(chunks) == 2 and chunks[0].vectors == ()
+    assert chunks[1].vectors == ((1, vec), (2, vec), (3, vec))

@@ -28,6 +28,11 @@ Unlike A1111 the mean is taken per prompt, not over the batch, so a prompt's emb
 depend on what else is in the batch. ComfyUI instead interpolates from the empty prompt's
 embedding; that is not implemented here.
 
+Textual-inversion embeddings (``embeddings=`` a :class:`~noisecraft.embeddings.PromptEmbeddings`):
+their vectors replace the token embeddings at the positions the tokenizer reserved for them
+(``TokenChunk.vectors``), the AUTOMATIC1111 / ComfyUI way; SDXL's CLIP-L ("hf" layout) takes a
+file's ``clip_l`` vectors and bigG ("openclip") its ``clip_g``.
+
 Encoding runs under the caller's autograd mode: pipelines should wrap it in
 ``torch.inference_mode()``; training noisecraft's own encoder needs the gradients.
 
@@ -38,8 +43,8 @@ expected to work (transformers' CLIP and SDPA support them) but could not be tes
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -60,10 +65,17 @@ from noisecraft.models.tokenizer import CLIPTokenizer
 from noisecraft.prompts import (
     Span,
     TokenChunk,
+    Vector,
     pad_chunks,
     parse_prompt_weights,
     tokenize_spans,
 )
+
+if TYPE_CHECKING:
+    from noisecraft.embeddings import PromptEmbeddings
+
+TokenVectors = Sequence[tuple[int, int, Vector]]
+"""``(row, position, vector)``: replace the token embedding of ``ids[row, position]``."""
 
 
 class PromptEmbedding(NamedTuple):
@@ -137,17 +149,20 @@ class CLIPTextEncoder(nn.Module):
         return self._tokenizer
 
     def forward(
-        self, ids: torch.Tensor, *, clip_skip: int | None = None
+        self, ids: torch.Tensor, *, clip_skip: int | None = None, vectors: TokenVectors = ()
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids [B, 77] -> (hidden states [B, 77, C] of the chosen layer, pooled [B, P] or
-        None). ``clip_skip`` None means ``config.default_clip_skip``."""
+        None). ``clip_skip`` None means ``config.default_clip_skip``; ``vectors`` replace token
+        embeddings (textual inversion)."""
         skip = self.config.default_clip_skip if clip_skip is None else clip_skip
         if not 1 <= skip <= self.config.layers:
             raise ValueError(
                 f"clip_skip={skip} is out of range for a {self.config.layers}-layer encoder; "
                 f"allowed: 1 (last layer) .. {self.config.layers}"
             )
-        out = self.text_model(input_ids=ids.to(self.device), output_hidden_states=skip > 1)
+        ids = ids.to(self.device)
+        with _token_vectors(self.text_model.embeddings.token_embedding, ids, vectors):
+            out = self.text_model(input_ids=ids, output_hidden_states=skip > 1)
         if skip == 1:
             hidden = out.last_hidden_state
         else:
@@ -177,21 +192,24 @@ class CLIPTextEncoder(nn.Module):
         flat = [c for prompt in chunks for c in prompt]
         ids = torch.tensor([c.ids for c in flat], dtype=torch.long)
         weights = torch.tensor([c.weights for c in flat], dtype=torch.float32)
-        hidden, pooled = self(ids, clip_skip=clip_skip)
+        vectors = [(row, pos, v) for row, c in enumerate(flat) for pos, v in c.vectors]
+        hidden, pooled = self(ids, clip_skip=clip_skip, vectors=vectors)
         hidden = apply_token_weights(hidden, weights.to(hidden.device))
         context = hidden.reshape(len(chunks), k * hidden.shape[1], hidden.shape[2])
         return PromptEmbedding(context, None if pooled is None else pooled[::k])
 
-    def encode_prompt(self, prompt: str, *, clip_skip: int | None = None) -> PromptEmbedding:
+    def encode_prompt(self, prompt: str, *, clip_skip: int | None = None,
+                      embeddings: PromptEmbeddings | None = None) -> PromptEmbedding:
         """One prompt with weighting syntax -> context [1, 77*k, C], pooled [1, P] or None."""
-        return encode_prompts([self], [prompt], clip_skip=clip_skip)
+        return encode_prompts([self], [prompt], clip_skip=clip_skip, embeddings=embeddings)
 
     def encode_prompts(
-        self, prompts: Sequence[str], *, clip_skip: int | None = None
+        self, prompts: Sequence[str], *, clip_skip: int | None = None,
+        embeddings: PromptEmbeddings | None = None,
     ) -> PromptEmbedding:
         """Several prompts (e.g. positive and negative for guidance) -> one batch; shorter ones
         are padded with empty-prompt chunks to the longest (as AUTOMATIC1111 does)."""
-        return encode_prompts([self], prompts, clip_skip=clip_skip)
+        return encode_prompts([self], prompts, clip_skip=clip_skip, embeddings=embeddings)
 
 
 class TextConditioner(nn.Module):
@@ -205,15 +223,19 @@ class TextConditioner(nn.Module):
             raise ValueError("TextConditioner needs at least one encoder")
         self.embedders = nn.ModuleList(encoders)
 
-    def encode_prompt(self, prompt: str, *, clip_skip: int | None = None) -> PromptEmbedding:
+    def encode_prompt(self, prompt: str, *, clip_skip: int | None = None,
+                      embeddings: PromptEmbeddings | None = None) -> PromptEmbedding:
         """As ``CLIPTextEncoder.encode_prompt``; ``clip_skip`` applies to every encoder."""
-        return encode_prompts(list(self.embedders), [prompt], clip_skip=clip_skip)
+        return encode_prompts(list(self.embedders), [prompt], clip_skip=clip_skip,
+                              embeddings=embeddings)
 
     def encode_prompts(
-        self, prompts: Sequence[str], *, clip_skip: int | None = None
+        self, prompts: Sequence[str], *, clip_skip: int | None = None,
+        embeddings: PromptEmbeddings | None = None,
     ) -> PromptEmbedding:
         """As ``CLIPTextEncoder.encode_prompts``."""
-        return encode_prompts(list(self.embedders), prompts, clip_skip=clip_skip)
+        return encode_prompts(list(self.embedders), prompts, clip_skip=clip_skip,
+                              embeddings=embeddings)
 
 
 TextModule = CLIPTextEncoder | TextConditioner
@@ -280,22 +302,62 @@ def encode_prompts(
     prompts: Sequence[str | Sequence[Span]],
     *,
     clip_skip: int | None = None,
+    embeddings: PromptEmbeddings | None = None,
 ) -> PromptEmbedding:
     """Prompts (text with weighting syntax, or already parsed spans) -> one batch from one or
     more encoders: contexts concatenated along channels, pooled from the last encoder that has a
-    projection. All prompts are brought to the same number of chunks with empty chunks."""
+    projection. All prompts are brought to the same number of chunks with empty chunks.
+    ``embeddings``: the textual-inversion embeddings the prompts may name."""
     if not prompts:
         raise ValueError("encode_prompts needs at least one prompt")
     parsed = [parse_prompt_weights(p) if isinstance(p, str) else list(p) for p in prompts]
     contexts, pooled = [], None
     for encoder in encoders:
-        chunks = [tokenize_spans(spans, encoder.tokenizer) for spans in parsed]
+        split = None if embeddings is None else embeddings.splitter(
+            encoder.config.width, EMBEDDING_KEYS[encoder.config.layout])
+        chunks = [tokenize_spans(spans, encoder.tokenizer, embeddings=split) for spans in parsed]
         n = max(len(c) for c in chunks)
         chunks = [pad_chunks(c, n, encoder.tokenizer) for c in chunks]
         embedding = encoder.encode_tokens(chunks, clip_skip=clip_skip)
         contexts.append(embedding.context)
         pooled = embedding.pooled if embedding.pooled is not None else pooled
     return PromptEmbedding(torch.cat(contexts, dim=-1), pooled)
+
+
+EMBEDDING_KEYS = {"hf": "clip_l", "openclip": "clip_g"}
+"""Which of an SDXL embedding file's vectors an encoder of each layout takes."""
+
+
+@contextlib.contextmanager
+def _token_vectors(
+    token_embedding: nn.Module, ids: torch.Tensor, vectors: TokenVectors
+) -> Iterator[None]:
+    """While inside, the token embedding of ``ids`` (this very tensor) has ``vectors`` in
+    place of its rows at their positions.
+
+    A forward hook, because transformers' ``CLIPTextModel.forward`` takes no ``inputs_embeds``
+    (AUTOMATIC1111 wraps the same module).  It lives only for this call and acts only on this
+    call's ids (same storage), so other calls on the encoder, also from other threads, are
+    untouched."""
+    if not vectors:
+        yield
+        return
+    rows = torch.tensor([r for r, _, _ in vectors], device=ids.device)
+    cols = torch.tensor([c for _, c, _ in vectors], device=ids.device)
+    values = torch.tensor([v for _, _, v in vectors], dtype=torch.float32)
+
+    def replace(_module, args, output):
+        if args[0].data_ptr() != ids.data_ptr():
+            return None
+        output = output.clone()
+        output[rows, cols] = values.to(output.device, output.dtype)
+        return output
+
+    handle = token_embedding.register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

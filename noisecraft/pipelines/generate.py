@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from noisecraft.conditioning import encode_conditioning
+from noisecraft.embeddings import PromptEmbeddings
 from noisecraft.images import (
     check_same_size,
     extend_canvas,
@@ -46,9 +47,10 @@ class PipelineOutput:
 
 
 def _conditioning(run: Run, req: GenerationRequest, width: int, height: int):
+    embeddings = PromptEmbeddings.from_dir(req.embeddings_dir) if req.embeddings_dir else None
     return encode_conditioning(
         run.bundle, req.prompt, req.negative_prompt, width=width, height=height,
-        clip_skip=req.clip_skip,
+        clip_skip=req.clip_skip, embeddings=embeddings,
     )
 
 
