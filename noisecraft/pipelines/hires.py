@@ -3,11 +3,15 @@ larger size so the model adds detail at the new resolution.
 
 Enlarging: ``latent`` interpolates the diffusion latent bilinearly (A1111's "Latent" upscaler);
 ``image`` decodes, resizes with Lanczos and re-encodes.  The second pass uses ``hires_steps``
-(default: ``steps``) and ``hires_strength`` with the img2img convention, and draws its noise
-from the same per-image generators, continuing after the first pass.
+(default: ``steps``) and ``hires_strength`` with the img2img convention.  Its noise comes from
+generators seeded afresh with seed + i, as in a ComfyUI graph of two KSamplers with the same
+seed, so that graph reproduces the engine's hires fix exactly.  (AUTOMATIC1111 continues the
+first pass's generator instead; images therefore differ from A1111's in the second pass.)
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,7 @@ from noisecraft.pipelines.common import (
     Run,
     decode_latents,
     encode_images,
+    generators_for,
     guided_denoiser,
     vae_factor,
 )
@@ -52,6 +57,7 @@ def hires_fix(
 ) -> torch.Tensor:
     """Latents [B, C, height/8, width/8] from base latents; ``cond`` encoded at the new size."""
     big = upscale(run, latents, width, height, req.hires_upscale)
+    run = replace(run, generators=generators_for([g.initial_seed() for g in run.generators]))
     concat = txt2img_concat(run, width, height)
     denoiser = guided_denoiser(run.bundle, cond, req.cfg_scale, req.guidance_rescale, concat)
     return img2img(

@@ -9,12 +9,8 @@ import torch
 from PIL import Image
 
 from noisecraft.api import generate_image
-from noisecraft.conditioning import encode_conditioning
 from noisecraft.engine import Engine
 from noisecraft.graph import run_workflow_result
-from noisecraft.pipelines.common import Run, decode_latents, generators_for
-from noisecraft.pipelines.hires import hires_fix
-from noisecraft.request import GenerationRequest
 from tests.nodes.test_model_nodes_support import (
     PIXELS,
     SD1_NAME,
@@ -121,11 +117,10 @@ def test_inpaint_matches_generate_image(models, context, engine):
     assert not np.array_equal(got[m], original[m])
 
 
-def test_hires_fix_is_the_engine_hires_pass(models, context, engine):
-    """txt2img -> LatentUpscaleBy(bilinear, 2) -> KSampler(denoise 0.5, same seed) equals the
-    engine's ``hires_fix`` on the first pass's latents with generators seeded afresh.
-    (generate_image's hires pass continues the first pass's generators instead; a graph cannot
-    express that, so its second-pass noise differs.)"""
+def test_hires_fix_matches_generate_image(models, context, engine):
+    """txt2img -> LatentUpscaleBy(bilinear, 2) -> KSampler(steps 2, denoise 0.5, same seed)
+    equals generate_image's hires fix (hires_steps 4, hires_strength 0.5): the engine seeds its
+    second pass afresh with the same seed, as this graph does."""
     prompt = txt2img_prompt(seed=3, steps=3, sampler="euler")
     prompt["20"] = {"class_type": "LatentUpscaleBy", "inputs": {
         "samples": ["3", 0], "upscale_method": "bilinear", "scale_by": 2.0}}
@@ -133,19 +128,9 @@ def test_hires_fix_is_the_engine_hires_pass(models, context, engine):
         **prompt["3"]["inputs"], "latent_image": ["20", 0], "steps": 2, "denoise": 0.5}}
     prompt["8"]["inputs"]["samples"] = ["21", 0]
     run = run_workflow_result(prompt, registry=registry(), context=context)
-
-    req = GenerationRequest("a red cat", negative_prompt="ugly", model=_ckpt(models), steps=3,
-                            cfg_scale=7.5, seed=3, sampler="euler", width=PIXELS,
-                            height=PIXELS, hires_scale=2.0, hires_steps=4, hires_strength=0.5)
-    first = engine.generate(GenerationRequest.from_settings(req.settings(), hires_scale=1.0))
-    bundle = engine.model(req.model)
-    big = 2 * PIXELS
-    with torch.inference_mode():
-        cond = encode_conditioning(bundle, req.prompt, req.negative_prompt, width=big,
-                                   height=big)
-        fresh = Run(bundle, engine.device, generators_for([3]))
-        latents = hires_fix(fresh, req, cond, first.latents, big, big)
-        expected = (decode_latents(bundle, latents) + 1) / 2
-    got = run.values["8"][0]
-    assert got.shape[1:3] == (big, big)
-    np.testing.assert_array_equal(to_uint8(got), to_uint8(expected.movedim(1, -1)))
+    ref = generate_image("a red cat", negative_prompt="ugly", model=_ckpt(models), steps=3,
+                         cfg_scale=7.5, seed=3, sampler="euler", width=PIXELS, height=PIXELS,
+                         hires_scale=2.0, hires_steps=4, hires_strength=0.5, engine=engine)
+    got = to_uint8(run.values["8"][0])[0]
+    assert got.shape[:2] == (2 * PIXELS, 2 * PIXELS)
+    np.testing.assert_array_equal(got, np.asarray(ref))
