@@ -59,7 +59,7 @@ def load_upscale_model(path: str | os.PathLike, *, device=None) -> torch.nn.Modu
     return model.to(device) if device is not None else model
 
 
-def _ramp(n: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
+def blend_ramp(n: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
     """Weights along one tile side: where a neighbour tile overlaps, 0 over the outer quarter of
     the overlap (where the tile's own zero padding distorts it), then rising linearly to 1;
     1 elsewhere and at the image border."""
@@ -75,7 +75,9 @@ def _ramp(n: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
     return w
 
 
-def _starts(size: int, tile: int, overlap: int) -> list[int]:
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins along a side of ``size``: every ``tile - overlap``, the last flush with the
+    end (one tile when ``size <= tile``)."""
     if size <= tile:
         return [0]
     step = tile - overlap
@@ -92,7 +94,7 @@ def upscale_tiled(model, images: torch.Tensor, scale: int, *, tile: int = 512,
         raise InputError(f"tile ({tile}) must be larger than overlap ({overlap}) >= 0")
     b, _, h, w = images.shape
     out = weight = None
-    ys, xs = _starts(h, tile, overlap), _starts(w, tile, overlap)
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     for y in ys:
         for x in xs:
             th, tw = min(tile, h - y), min(tile, w - x)
@@ -103,8 +105,8 @@ def upscale_tiled(model, images: torch.Tensor, scale: int, *, tile: int = 512,
             if out is None:
                 out = torch.zeros(b, part.shape[1], h * scale, w * scale)
                 weight = torch.zeros(1, 1, h * scale, w * scale)
-            wy = _ramp(th * scale, overlap * scale, y > 0, y + th < h)
-            wx = _ramp(tw * scale, overlap * scale, x > 0, x + tw < w)
+            wy = blend_ramp(th * scale, overlap * scale, y > 0, y + th < h)
+            wx = blend_ramp(tw * scale, overlap * scale, x > 0, x + tw < w)
             mask = (wy[:, None] * wx[None, :])[None, None]
             region = (..., slice(y * scale, (y + th) * scale), slice(x * scale, (x + tw) * scale))
             out[region] += part.cpu() * mask

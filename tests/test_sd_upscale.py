@@ -1,0 +1,72 @@
+"""SD upscale on a tiny SD1 checkpoint: output size, every tile an ordinary engine img2img, and
+the tiles cross-faded (no tile edge shows as a hard step) against a hard-pasted reference."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from noisecraft.engine import Engine
+from noisecraft.pipelines.sd_upscale import sd_upscale, upscale_image
+from noisecraft.request import GenerationRequest, InputError
+from tests.fixtures.checkpoints import write_single_file
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(1)
+    path = write_single_file(tmp_path_factory.mktemp("ckpt") / "sd1.safetensors", "sd1")
+    yy, xx = np.mgrid[0:16, 0:32]
+    source = Image.fromarray(np.stack([xx * 8, yy * 16, (xx + yy) * 5], -1).astype(np.uint8))
+    request = GenerationRequest(prompt="a red cat", model=str(path), init_image=source,
+                                strength=0.5, steps=2, seed=3)
+    return Engine(device="cpu"), request
+
+
+def _tile(engine, request, big, x):
+    part = big.crop((x, 0, x + 32, 32))
+    out = engine.generate(replace(request, init_image=part, width=32, height=32))
+    return np.asarray(out.images[0].image, np.float32)
+
+
+def test_tiles_are_engine_img2img_runs_cross_faded(setup):
+    engine, request = setup
+    out = sd_upscale(engine, request, scale=2, tile=32, overlap=16)  # x tiles at 0, 16, 32
+    assert out.size == (64, 32) and out.info["seed"] == 3
+    o = np.asarray(out, np.float32)
+    big = upscale_image(request.init_image, 2)
+    a, b, c = (_tile(engine, request, big, x) for x in (0, 16, 32))
+    # outer quarter of an overlap (4 px) has weight 0: where tile b starts, only tile a shows
+    np.testing.assert_allclose(o[:, 16:20], a[:, 16:20], atol=0.5)
+    np.testing.assert_allclose(o[:, 0:16], a[:, 0:16], atol=0.5)
+    np.testing.assert_allclose(o[:, 60:], c[:, 28:], atol=0.5)
+    # then a linear cross-fade: weight of b = (i - 3) / 9 at overlap column i (0..15)
+    for i in range(4, 12):
+        wb = (i - 3) / 9
+        want = (1 - wb) * a[:, 16 + i] + wb * b[:, i]
+        np.testing.assert_allclose(o[:, 16 + i], want, atol=0.51)
+    # every step across a tile's first or last column is a step inside one tile's own output
+    # (the other tile has weight 0 there); a hard paste (no overlap: tiles a | c) instead puts
+    # two different tiles' pixels side by side at column 32
+    for col, own in ((16, a[:, 16] - a[:, 15]), (32, b[:, 16] - b[:, 15]),
+                     (48, c[:, 16] - c[:, 15])):
+        np.testing.assert_allclose(o[:, col] - o[:, col - 1], own, atol=1.0)
+    hard = np.asarray(sd_upscale(engine, request, scale=2, tile=32, overlap=0), np.float32)
+    np.testing.assert_allclose(hard, np.concatenate([a, c], axis=1), atol=0.5)
+    assert np.abs((hard[:, 32] - hard[:, 31]) - (o[:, 32] - o[:, 31])).max() > 5
+
+
+def test_bad_settings_teach(setup):
+    engine, request = setup
+    with pytest.raises(InputError, match="tile .32. must be larger than overlap .32."):
+        sd_upscale(engine, request, tile=32, overlap=32)
+    with pytest.raises(InputError, match="overlap must be a multiple of 8"):
+        sd_upscale(engine, request, tile=32, overlap=12)
+    with pytest.raises(InputError, match="needs an init_image"):
+        sd_upscale(engine, replace(request, init_image=None))
+    with pytest.raises(InputError, match="does not exist"):
+        sd_upscale(engine, request, upscaler="/nonexistent/4x.pth")
