@@ -102,6 +102,25 @@ def _parse_outpaint(text: str | None) -> tuple[int, int, int, int]:
     return tuple(values)
 
 
+def _parse_controlnet(spec: str):
+    """``MODEL:IMAGE[:STRENGTH]`` -> a ControlNetUnit (paths without ':')."""
+    from noisecraft.request import ControlNetUnit
+
+    parts = spec.split(":")
+    strength = 1.0
+    if len(parts) == 3:
+        try:
+            strength = float(parts[2])
+        except ValueError:
+            parts = []
+    if len(parts) not in (2, 3) or not all(parts[:2]):
+        raise typer.BadParameter(
+            f"--controlnet takes MODEL:IMAGE[:STRENGTH] (a ControlNet file, a control image, "
+            f"an optional number; paths without ':'), got {spec!r}"
+        )
+    return ControlNetUnit(parts[0], parts[1], strength)
+
+
 def _output_paths(out: Path, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
 
@@ -176,6 +195,12 @@ def generate(
     hires_steps: Annotated[int | None, typer.Option(help="Hires pass steps.")] = None,
     hires_strength: Annotated[float, typer.Option(help="Hires pass strength.")] = 0.5,
     clip_skip: Annotated[int | None, typer.Option(help="1 = last layer.")] = None,
+    controlnet: Annotated[list[str] | None, typer.Option(
+        "--controlnet", help="MODEL:IMAGE[:STRENGTH] ControlNet file, control image, strength "
+                             "(default 1); repeat for several.")] = None,
+    embeddings: Annotated[Path | None, typer.Option(
+        "--embeddings", help="Folder of textual-inversion embeddings the prompt may name.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     gif: Annotated[Path | None, typer.Option(help="Write the denoising animation.")] = None,
@@ -212,6 +237,8 @@ def generate(
                 outpaint=_parse_outpaint(outpaint), hires_scale=hires_scale,
                 hires_upscale=hires_upscale, hires_steps=hires_steps,
                 hires_strength=hires_strength,
+                controlnets=tuple(_parse_controlnet(c) for c in controlnet or ()),
+                embeddings_dir=embeddings,
             )
         engine = (ctx.obj or {}).get("engine") or Engine(
             device=device, dtype=getattr(torch, _DTYPES[dtype]))
