@@ -116,6 +116,8 @@ class Engine:
             RAM).  Registered models are pinned and count against it but are never evicted.
         loader: ``(path, device, dtype) -> ModelBundle``; default
             ``noisecraft.checkpoints.loader.load_model``.
+        default_model: the file ``model=None`` loads; default :data:`DEFAULT_MODEL_PATH`
+            (the shipped built-in model).
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class Engine:
         dtype: torch.dtype | None = None,
         max_cache_bytes: int | None = None,
         loader: Loader | None = None,
+        default_model: str | os.PathLike | None = None,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,6 +135,8 @@ class Engine:
         self.dtype = dtype or torch.float32
         self.max_cache_bytes = max_cache_bytes or _default_cache_bytes()
         self._loader = loader or _default_loader
+        self.default_model = Path(default_model) if default_model is not None \
+            else DEFAULT_MODEL_PATH
         self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
         self._names: dict[str, tuple] = {}
         self._preview_decoders: dict[str, torch.nn.Module] = {}
@@ -173,16 +178,16 @@ class Engine:
             self._cache[key] = _Entry(bundle, nbytes, pinned=False)
             return bundle
 
-    @staticmethod
-    def _resolve(ref) -> Path:
+    def _resolve(self, ref) -> Path:
         if ref is None:
-            if not DEFAULT_MODEL_PATH.is_file():
+            if not self.default_model.is_file():
                 raise DefaultModelMissing(
-                    f"the built-in default model ({DEFAULT_MODEL_PATH}) is not there: its "
+                    f"the built-in default model ({self.default_model}) is not there: its "
                     "weights have not been trained and shipped yet. Pass model=PATH (a Stable "
-                    "Diffusion checkpoint) instead."
+                    "Diffusion checkpoint, or a file written by noisecraft.training."
+                    "default_model.export_default_model()) instead."
                 )
-            return DEFAULT_MODEL_PATH
+            return self.default_model
         path = Path(os.fspath(ref)).expanduser().resolve()
         if not path.exists():
             raise ModelNotFound(

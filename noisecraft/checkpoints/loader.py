@@ -126,21 +126,28 @@ _META_BUILDERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def read_noisecraft_metadata(f: StateDictFile) -> dict[str, Any]:
-    """``{metadata key: parsed config}`` for the noisecraft entries present in ``f``."""
+def parse_noisecraft_metadata(metadata: Mapping[str, str], path) -> dict[str, Any]:
+    """``{metadata key: parsed config}`` for the noisecraft entries in a safetensors file's raw
+    ``__metadata__`` (the one reader of :func:`noisecraft_metadata`'s format; ``path`` names the
+    file in errors)."""
     out = {}
     for key, build in _META_BUILDERS.items():
-        raw = f.metadata.get(key)
+        raw = metadata.get(key)
         if raw is None:
             continue
         try:
             out[key] = build(json.loads(raw))
         except (json.JSONDecodeError, TypeError, ValueError, KeyError) as e:
             raise CheckpointError(
-                f.path, f"metadata {key!r} is not valid ({e}); expected the JSON that "
-                        "noisecraft.checkpoints.noisecraft_metadata() writes",
+                path, f"metadata {key!r} is not valid ({e}); expected the JSON that "
+                      "noisecraft.checkpoints.noisecraft_metadata() writes",
             ) from None
     return out
+
+
+def read_noisecraft_metadata(f: StateDictFile) -> dict[str, Any]:
+    """``{metadata key: parsed config}`` for the noisecraft entries present in ``f``."""
+    return parse_noisecraft_metadata(f.metadata, f.path)
 
 
 # ---- planning each network -------------------------------------------------------------------

@@ -140,6 +140,30 @@ def run_unfinished(root: str | Path = "runs/default", *, stop_after: int | None 
 SHIPPED_MAX_BYTES = 40_000_000
 
 
+def shipped_metadata(src: Path) -> dict[str, str]:
+    """``src``'s metadata with the configs re-written by the loader's own
+    ``noisecraft_metadata`` (one format in shipped files); other entries kept as they are."""
+    from safetensors import safe_open
+
+    from noisecraft.checkpoints.loader import (
+        META_FAMILY,
+        META_TEXT,
+        META_UNET,
+        META_VAE,
+        noisecraft_metadata,
+        parse_noisecraft_metadata,
+    )
+
+    with safe_open(str(src), framework="pt") as f:
+        raw = dict(f.metadata() or {})
+    own = parse_noisecraft_metadata(raw, src)
+    if META_FAMILY not in own or META_UNET not in own or META_TEXT not in own:
+        raise ValueError(f"{src} lacks noisecraft.family / unet_config / text_config metadata: "
+                         "not a model file written by noisecraft's trainer")
+    return {**raw, **noisecraft_metadata(own[META_FAMILY], unet=own[META_UNET],
+                                         vae=own.get(META_VAE), text=own[META_TEXT])}
+
+
 def export_default_model(root: str | Path = "runs/default", out: str | Path | None = None) -> Path:
     """Write the finished model in float16 (loaders upcast), checking the 40 MB budget."""
     import torch
@@ -153,8 +177,9 @@ def export_default_model(root: str | Path = "runs/default", out: str | Path | No
         raise FileNotFoundError(f"{src} does not exist yet: finish training first "
                                 "(scripts/train_default_model.sh)")
     out = Path(out) if out is not None else Path(root) / "noisecraft-shapes-fp16.safetensors"
-    meta = {k: v for k, v in ckpt.read_metadata(src).items()}
-    ckpt.save_model_file(out, {"": load_file(str(src))}, meta, dtype=torch.float16)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.save_model_file(out, {"": load_file(str(src))}, shipped_metadata(src),
+                         dtype=torch.float16)
     size = out.stat().st_size
     if size > SHIPPED_MAX_BYTES:
         raise ValueError(f"{out} is {size / 1e6:.1f} MB, over the {SHIPPED_MAX_BYTES / 1e6:.0f} MB"

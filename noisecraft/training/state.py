@@ -250,36 +250,39 @@ def load_rng(path: Path, generators: Mapping[str, torch.Generator]) -> None:
 def load_trained_model(path: Path):
     """A ``ModelBundle`` from a file written by the trainer (float32, eval mode).
 
-    The architecture comes from the ``noisecraft.*_config`` metadata; fp16-stored weights are
-    upcast.  A pixel-space model has no ``first_stage_model.*`` keys and ``vae=None``.
+    The architecture comes from the ``noisecraft.*`` metadata, parsed by the checkpoint
+    loader's own reader (``noisecraft.checkpoints.loader.parse_noisecraft_metadata``, so both
+    read one format); fp16-stored weights are upcast.  A pixel-space model has no
+    ``first_stage_model.*`` keys and ``vae=None``.
     """
-    from noisecraft.models.family import Family, ModelBundle
-    from noisecraft.models.latent_formats import LatentFormat
+    from noisecraft.checkpoints.loader import (
+        META_FAMILY,
+        META_TEXT,
+        META_UNET,
+        META_VAE,
+        parse_noisecraft_metadata,
+    )
+    from noisecraft.models.family import ModelBundle
     from noisecraft.models.text import CLIPTextEncoder
-    from noisecraft.models.text_config import TextEncoderConfig
     from noisecraft.models.unet import UNetModel
-    from noisecraft.models.unet_configs import UNetConfig
-    from noisecraft.models.vae import AutoencoderKL, VAEConfig
+    from noisecraft.models.vae import AutoencoderKL
 
-    meta = read_metadata(path)
-    needed = ("noisecraft.family", "noisecraft.unet_config", "noisecraft.text_config")
-    missing = [k for k in needed if k not in meta]
+    with safe_open(str(path), framework="pt") as f:
+        meta = parse_noisecraft_metadata(f.metadata() or {}, path)
+    missing = [k for k in (META_FAMILY, META_UNET, META_TEXT) if k not in meta]
     if missing:
         raise ValueError(f"{path} lacks metadata {missing}: not a noisecraft-trained model file")
+    if len(meta[META_TEXT]) != 1:
+        raise ValueError(f"{path}: {META_TEXT} lists {len(meta[META_TEXT])} text encoders; "
+                         "the trainer's models have exactly one (CLIP layout)")
     tensors = {k: v.float() for k, v in load_file(str(path)).items()}
-    fam = dict(meta["noisecraft.family"])
-    family = Family(**{**fam, "latent": LatentFormat(**fam["latent"])})
-    unet = UNetModel(UNetConfig(**_tuples(meta["noisecraft.unet_config"])))
+    unet = UNetModel(meta[META_UNET])
     unet.load_state_dict(split_prefix(tensors, UNET_PREFIX))
-    text = CLIPTextEncoder(TextEncoderConfig(**meta["noisecraft.text_config"]))
+    text = CLIPTextEncoder(meta[META_TEXT][0])
     text.load_state_dict(split_prefix(tensors, TEXT_PREFIX))
     vae = None
-    if "noisecraft.vae_config" in meta:
-        vae = AutoencoderKL(VAEConfig(**_tuples(meta["noisecraft.vae_config"])))
+    if META_VAE in meta:
+        vae = AutoencoderKL(meta[META_VAE])
         vae.load_state_dict(split_prefix(tensors, VAE_PREFIX))
         vae.eval()
-    return ModelBundle(family, unet.eval(), vae, text.eval(), name=Path(path).stem)
-
-
-def _tuples(config: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return ModelBundle(meta[META_FAMILY], unet.eval(), vae, text.eval(), name=Path(path).stem)
