@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Train (or resume) the built-in default model; every stage continues from its last checkpoint.
-#   mkdir -p runs/default && nohup scripts/train_default_model.sh > runs/default/log.txt 2>&1 &
+#   mkdir -p ~/noisecraft-runs/default && nohup scripts/train_default_model.sh > ~/noisecraft-runs/default/log.txt 2>&1 &
 # Run it again after an interruption: finished stages are skipped. See docs/default_model.md.
 # Each stage runs in a fresh Python process, so it uses the code on disk when it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT="${1:-runs/default}"
+# Outside the work tree by default: a later session gets a fresh checkout, so runs/ under it
+# would be lost; $HOME survives on the same machine.
+ROOT="${1:-${NOISECRAFT_RUNS:-$HOME/noisecraft-runs}/default}"
 mkdir -p "$ROOT"
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 echo "[$(date -Is)] start, root=$ROOT, pid=$$"
