@@ -107,7 +107,7 @@ def _spawn(spec: dict, timeout: float, omp_wait_policy: str) -> dict:
 
 
 def _errors(out: Path, ref: Path) -> dict:
-    a, b = torch.load(out), torch.load(ref)
+    a, b = torch.load(out, weights_only=True), torch.load(ref, weights_only=True)
     if a.shape != b.shape:
         return {"max_abs": None, "rel_l2": None, "note": f"shape {a.shape} vs {b.shape}"}
     d = a - b
