@@ -5,8 +5,8 @@ small widths, and produces 128 x 128 images.  Two stages, each resumable from it
 checkpoint (see ``docs/default_model.md`` for the command, times and results):
 
 1. ``vae`` - an AutoencoderKL with a 4x downscale (128 x 128 x 3 -> 32 x 32 x 4), widths
-   32-64, trained with L1 + L2 + a small KL on 64 x 64 crops (``vae_trainer.py``); its latent
-   scaling factor is measured from its latents (1 / std) at the end.
+   32-64, trained with L1 + L2 + a small KL on whole 128 x 128 images (``vae_trainer.py``);
+   its latent scaling factor is measured from its latents (1 / std) at the end.
 2. ``diffusion`` - a CLIP-architecture text encoder (width 128, 3 layers, CLIP's full 49,408
    token vocabulary) trained jointly with a U-Net (model_channels 64, 3 levels, cross-attention
    at the two lower-resolution levels), eps-prediction on SD's scaled-linear schedule, in the
@@ -57,7 +57,10 @@ def vae_stage(root: Path) -> VAETrainConfig:
         vae=VAE,
         data=DataConfig(source="shapes", resolution=RESOLUTION, random_flip=True,
                         caption_dropout=0.0, shapes_count=SHAPES_COUNT, seed=DATA_SEED),
-        crop=64,
+        # Whole images, not crops: a VAE trained on 64 x 64 crops (session 1) reconstructed whole
+        # 128 x 128 images with a tinted box over the interior, because its mid-block attention
+        # and GroupNorm statistics see 4x the positions they were trained on.
+        crop=None,
         optim=OptimConfig(lr=1e-3, batch_size=8, warmup_steps=100, weight_decay=0.0,
                           ema_decay=None, precision="auto"),
         run=RunConfig(out_dir=Path(root) / "vae", steps=VAE_STEPS, seed=DATA_SEED,
