@@ -47,7 +47,9 @@ UNET = UNetConfig(
 )
 """Levels at 32, 16 and 8 latent pixels; cross-attention at 16 and 8 and in the middle."""
 
-VAE_STEPS = 2000
+# 2,000 steps on whole images was not enough: backgrounds right, small shapes garbled (9 of 64
+# reconstructions kept colour, shape and position). Continue from the step-2000 checkpoint.
+VAE_STEPS = 8000
 DIFFUSION_STEPS = 4000
 STAGES = ("vae", "diffusion")
 
