@@ -13,8 +13,10 @@ from noisecraft.models.vae import TINY_VAE
 from noisecraft.training.runtime import DataConfig, OptimConfig, RunConfig
 from noisecraft.training.state import read_metadata
 from noisecraft.training.vae_trainer import (
+    VAELossConfig,
     VAETrainConfig,
     load_vae_file,
+    pixel_weights,
     random_crops,
     train_vae,
 )
@@ -79,3 +81,49 @@ def test_random_crops_are_windows_of_the_image():
 def test_crop_must_fit_the_downscale():
     with pytest.raises(ValueError, match="multiple of the VAE's downscale factor"):
         VAETrainConfig(vae=TINY_VAE, data=DataConfig(resolution=32), crop=15)
+
+
+def test_foreground_pixels_weigh_more():
+    x = torch.full((2, 3, 8, 8), -0.5)
+    x[0, :, 2:4, 2:4] = 0.8  # a 2x2 "shape" on image 0; image 1 is flat
+    w = pixel_weights(x, VAELossConfig(foreground_weight=5.0))
+    assert w.shape == (2, 1, 8, 8)
+    assert torch.all(w[0, 0, 2:4, 2:4] == 6.0) and w[0].sum() == 64 + 4 * 5
+    assert torch.all(w[1] == 1.0)
+    assert pixel_weights(x, VAELossConfig()) == 1.0
+    with pytest.raises(ValueError, match="foreground_weight=-1"):
+        VAELossConfig(foreground_weight=-1)
+
+
+def test_init_weights_start_a_new_run_from_a_vae_file(tmp_path):
+    first = train_vae(_config(tmp_path / "a", 2), progress=lambda e: None)
+    cfg = replace(_config(tmp_path / "b", 1), init_weights=first.model_path,
+                  optim=replace(_config(tmp_path / "b", 1).optim, lr=1e-12, ema_decay=None))
+    second = train_vae(cfg, progress=lambda e: None)  # lr ~0: the weights stay the init ones
+    fresh = train_vae(replace(cfg, init_weights=None, run=replace(cfg.run, out_dir=tmp_path / "e")),
+                      progress=lambda e: None)
+    a, b = load_file(str(first.model_path)), load_file(str(second.model_path))
+    c = load_file(str(fresh.model_path))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    other = replace(cfg, vae=replace(TINY_VAE, ch=16, norm_groups=8),
+                    run=replace(cfg.run, out_dir=tmp_path / "c"))
+    with pytest.raises(ValueError, match="must match"):
+        train_vae(other, progress=lambda e: None)
+    missing = replace(cfg, init_weights=tmp_path / "nope.safetensors",
+                      run=replace(cfg.run, out_dir=tmp_path / "d"))
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        train_vae(missing, progress=lambda e: None)
+
+
+def test_reconstruction_score_reads_back_every_image(tmp_path):
+    from noisecraft.training.default_model import RESOLUTION, vae_reconstruction_score
+
+    result = train_vae(_config(tmp_path, 1), progress=lambda e: None)
+    grid = tmp_path / "recon.png"
+    got = vae_reconstruction_score(result.model_path, n=8, grid=grid)
+    assert got["n"] == 8 and set(got) >= {"color", "shape", "position", "all"}
+    assert 0.0 <= got["all"] <= min(got["color"], got["shape"], got["position"]) <= 1.0
+    from PIL import Image
+
+    assert Image.open(grid).size == (8 * RESOLUTION, 2 * RESOLUTION)
