@@ -48,7 +48,7 @@ _UNET_FIXED = {
     "class_embed_type": None, "time_cond_proj_dim": None, "encoder_hid_dim": None,
     "only_cross_attention": False, "dual_cross_attention": False, "conv_in_kernel": 3,
     "conv_out_kernel": 3, "resnet_time_scale_shift": "default", "center_input_sample": False,
-    "flip_sin_to_cos": True, "freq_shift": 0, "norm_num_groups": 32, "act_fn": "silu",
+    "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
     "mid_block_type": "UNetMidBlock2DCrossAttn", "reverse_transformer_layers_per_block": None,
     "attention_type": "default", "addition_time_embed_dim": SDXL_SIZE_EMBED_DIM,
 }
@@ -118,7 +118,7 @@ def unet_config_from_diffusers(cfg: dict, where: Path) -> UNetConfig:
             transformer_depth=tuple(d if a else 0 for d, a in zip(layers, attn, strict=True)),
             transformer_depth_middle=layers[-1], context_dim=cross,
             use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
-            adm_in_channels=adm, **head_kw,
+            adm_in_channels=adm, norm_groups=int(cfg.get("norm_num_groups", 32)), **head_kw,
         )
     except (ValueError, TypeError) as e:
         raise CheckpointError(where, f"cannot express this U-Net: {e}") from None

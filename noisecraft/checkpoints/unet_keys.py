@@ -20,7 +20,6 @@ from collections.abc import Mapping
 
 import torch
 
-from noisecraft.models.layers import GROUP_NORM_GROUPS
 from noisecraft.models.unet import SDXL_SIZE_EMBED_DIM
 from noisecraft.models.unet_configs import UNetConfig, unet_layout
 
@@ -213,7 +212,7 @@ def unet_config_to_diffusers(config: UNetConfig, *, sample_size: int = 64) -> di
         "attention_head_dim": tuple(heads),
         "cross_attention_dim": config.context_dim,
         "use_linear_projection": config.use_linear_in_transformer,
-        "norm_num_groups": GROUP_NORM_GROUPS,
+        "norm_num_groups": config.norm_groups,
         "norm_eps": 1e-5,
         "flip_sin_to_cos": True,
         "freq_shift": 0,

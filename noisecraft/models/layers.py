@@ -47,10 +47,12 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups that computes in float32 and returns the input dtype."""
+    """GroupNorm (32 groups unless ``groups`` says otherwise) that computes in float32 and
+    returns the input dtype."""
 
-    def __init__(self, channels: int, eps: float = 1e-5, *, device=None, dtype=None):
-        super().__init__(GROUP_NORM_GROUPS, channels, eps=eps, device=device, dtype=dtype)
+    def __init__(self, channels: int, eps: float = 1e-5, *, groups: int = GROUP_NORM_GROUPS,
+                 device=None, dtype=None):
+        super().__init__(groups, channels, eps=eps, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
@@ -66,16 +68,16 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, *,
-                 dropout: float = 0.0, device=None, dtype=None):
+                 dropout: float = 0.0, groups: int = GROUP_NORM_GROUPS, device=None, dtype=None):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.in_layers = nn.Sequential(
-            GroupNorm32(channels, **fk), nn.SiLU(),
+            GroupNorm32(channels, groups=groups, **fk), nn.SiLU(),
             nn.Conv2d(channels, out_channels, 3, padding=1, **fk),
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels, **fk))
         self.out_layers = nn.Sequential(
-            GroupNorm32(out_channels, **fk), nn.SiLU(), nn.Dropout(dropout),
+            GroupNorm32(out_channels, groups=groups, **fk), nn.SiLU(), nn.Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, **fk),
         )
         if out_channels == channels:
@@ -174,12 +176,13 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
-                 *, use_linear: bool, dropout: float = 0.0, device=None, dtype=None):
+                 *, use_linear: bool, dropout: float = 0.0, groups: int = GROUP_NORM_GROUPS,
+                 device=None, dtype=None):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         inner = heads * dim_head
         self.use_linear = use_linear
-        self.norm = GroupNorm32(channels, eps=1e-6, **fk)
+        self.norm = GroupNorm32(channels, eps=1e-6, groups=groups, **fk)
         if use_linear:
             self.proj_in = nn.Linear(channels, inner, **fk)
             self.proj_out = nn.Linear(inner, channels, **fk)

@@ -55,7 +55,7 @@ class UNetModel(nn.Module):
         self.output_blocks = nn.ModuleList(build_unet_block(s, config, **fk)
                                            for s in layout.output_blocks)
         self.out = nn.Sequential(
-            GroupNorm32(mc, **fk), nn.SiLU(),
+            GroupNorm32(mc, groups=config.norm_groups, **fk), nn.SiLU(),
             nn.Conv2d(mc, config.out_channels, 3, padding=1, **fk),
         )
         self._zero_output_layers()
@@ -174,7 +174,8 @@ def build_unet_block(spec: BlockSpec, config: UNetConfig, *, device=None,
     if spec.kind == "down":
         return EmbedSequential(Downsample(spec.out_channels, **fk))
     layers: list[nn.Module] = [ResBlock(spec.in_channels, config.time_embed_dim,
-                                        spec.out_channels, dropout=config.dropout, **fk)]
+                                        spec.out_channels, dropout=config.dropout,
+                                        groups=config.norm_groups, **fk)]
     if spec.depth:
         layers.append(_transformer(config, spec.out_channels, spec.depth, fk))
     if spec.upsample:
@@ -187,9 +188,9 @@ def build_middle_block(config: UNetConfig, *, device=None, dtype=None) -> EmbedS
     fk = {"device": device, "dtype": dtype}
     mid, ted = config.level_channels(config.num_levels - 1), config.time_embed_dim
     return EmbedSequential(
-        ResBlock(mid, ted, mid, dropout=config.dropout, **fk),
+        ResBlock(mid, ted, mid, dropout=config.dropout, groups=config.norm_groups, **fk),
         _transformer(config, mid, config.transformer_depth_middle, fk),
-        ResBlock(mid, ted, mid, dropout=config.dropout, **fk),
+        ResBlock(mid, ted, mid, dropout=config.dropout, groups=config.norm_groups, **fk),
     )
 
 
@@ -197,7 +198,7 @@ def _transformer(config: UNetConfig, channels: int, depth: int, fk: dict) -> Spa
     heads, dim_head = config.heads_for(channels)
     return SpatialTransformer(channels, heads, dim_head, depth, config.context_dim,
                               use_linear=config.use_linear_in_transformer,
-                              dropout=config.dropout, **fk)
+                              dropout=config.dropout, groups=config.norm_groups, **fk)
 
 
 def embed_conditioning(config: UNetConfig, time_embed: nn.Module, label_emb: nn.Module | None,

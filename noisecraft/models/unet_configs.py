@@ -50,6 +50,9 @@ class UNetConfig:
     use_linear_in_transformer: bool = False
     adm_in_channels: int | None = None
     dropout: float = 0.0
+    norm_groups: int = GROUP_NORM_GROUPS
+    """GroupNorm groups (diffusers' ``norm_num_groups``): 32 in every released SD model; small
+    models want fewer (see ``training/default_model.py``)."""
 
     def __post_init__(self) -> None:
         n = len(self.channel_mult)
@@ -80,17 +83,18 @@ class UNetConfig:
                 f"head_dim={self.head_dim}."
             )
         for width in self.attention_widths():
-            if width % GROUP_NORM_GROUPS:
+            if width % self.norm_groups:
                 raise ValueError(
                     f"UNetConfig: attention width {width} is not divisible by the "
-                    f"{GROUP_NORM_GROUPS} GroupNorm groups."
+                    f"{self.norm_groups} GroupNorm groups (norm_groups)."
                 )
             self.heads_for(width)  # raises when the width does not split into heads
         for mult in self.channel_mult:
-            if (self.model_channels * mult) % GROUP_NORM_GROUPS:
+            if (self.model_channels * mult) % self.norm_groups:
                 raise ValueError(
                     f"UNetConfig: level width {self.model_channels}*{mult} is not divisible by "
-                    f"the {GROUP_NORM_GROUPS} GroupNorm groups; use multiples of 32."
+                    f"the {self.norm_groups} GroupNorm groups (norm_groups); use multiples of "
+                    f"{self.norm_groups}."
                 )
 
     @property

@@ -108,3 +108,16 @@ def test_unsupported_unet_config_is_named(tmp_path):
                                     "class_embed_type": "timestep"}))
     with pytest.raises(CheckpointError, match=r"unet/config\.json: class_embed_type='timestep'"):
         load_diffusers_folder(folder)
+
+
+def test_unet_config_round_trips_through_diffusers_config(tmp_path):
+    from dataclasses import replace
+
+    from noisecraft.checkpoints.diffusers_folder import unet_config_from_diffusers
+    from noisecraft.checkpoints.unet_keys import unet_config_to_diffusers
+    from noisecraft.models.unet_configs import UNET_PRESETS
+
+    for config in (UNET_PRESETS["tiny_sd15"], replace(UNET_PRESETS["tiny_sd2"], norm_groups=8)):
+        cfg = dict(unet_config_to_diffusers(config))
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+        assert unet_config_from_diffusers(cfg, tmp_path) == config

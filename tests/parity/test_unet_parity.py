@@ -7,6 +7,7 @@ renamed through ``unet_state_dict_from_diffusers`` and loaded strictly into UNet
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -33,12 +34,19 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def _pair(name: str, seed: int = 0):
-    config = UNET_PRESETS[name]
+    config = _config(name)
     ref = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(config)).eval()
     _randomize(ref, seed)
     ours = UNetModel(config, device="meta").eval()
     ours.load_state_dict(unet_state_dict_from_diffusers(ref.state_dict(), config), assign=True)
     return config, ref, ours
+
+
+def _config(name: str):
+    """A preset, or ``"<preset>:groups=N"`` for the preset with N GroupNorm groups."""
+    preset, _, groups = name.partition(":groups=")
+    config = UNET_PRESETS[preset]
+    return replace(config, norm_groups=int(groups)) if groups else config
 
 
 def _inputs(config, batch=2, size=(16, 16), seed=1):
@@ -98,7 +106,7 @@ def _residuals(model, x, t, ctx, y):
 
 
 @pytest.mark.parametrize("name", ["tiny_sd15", "tiny_sd2", "tiny_sdxl_base", "tiny_sdxl_refiner",
-                                  "tiny_sd15_inpaint", "tiny_sdxl_inpaint"])
+                                  "tiny_sd15_inpaint", "tiny_sdxl_inpaint", "tiny_sd2:groups=8"])
 def test_matches_diffusers(name):
     assert _max_diff(name) <= TOL
 
