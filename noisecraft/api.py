@@ -81,6 +81,8 @@ def generate_image(
     eta: float | None = None,
     controlnets: Sequence[Any] = (),
     embeddings_dir: str | os.PathLike | None = None,
+    loras: Sequence[Any] = (),
+    loras_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     callback: ProgressCallback | None = None,
@@ -91,7 +93,9 @@ def generate_image(
 
     Args:
         prompt, negative_prompt: text with AUTOMATIC1111 weighting syntax (``(word:1.3)``,
-            ``[word]``, ``BREAK``); longer than 75 tokens is chunked.
+            ``[word]``, ``BREAK``); longer than 75 tokens is chunked.  ``<lora:NAME>``,
+            ``<lora:NAME:WEIGHT>`` and ``<lora:NAME:TE_WEIGHT:UNET_WEIGHT>`` tags apply the
+            LoRA ``NAME`` from ``loras_dir`` (and are removed before the text is encoded).
         model: checkpoint path or a name registered on ``engine``; None = the built-in default
             model at its native size (raises ``DefaultModelMissing`` until its weights exist).
         steps, cfg_scale, sampler, scheduler: sampler (``noisecraft samplers`` lists them) and
@@ -114,6 +118,12 @@ def generate_image(
             (registered on the engine for the call); ``image`` a path or PIL image.
         embeddings_dir: a folder of textual-inversion embeddings (``.pt`` / ``.safetensors``)
             that prompts name as ``embedding:name`` (ComfyUI) or by the bare name (A1111).
+        loras: LoRAs to merge into the model for this call, each a file path (or a name in
+            ``loras_dir``), ``(path, weight)`` or ``(path, unet_weight,
+            text_encoder_weight)``; kohya/A1111 and diffusers/PEFT files.  A file named
+            several times (here or in tags) gets the sum of its weights.
+        loras_dir: the folder prompt tags ``<lora:NAME:W>`` are looked up in (NAME: the
+            file's path in it without suffix, or its bare stem).
         device, dtype: for a new engine (ignored when ``engine`` is given).
         callback: called with a ``ProgressEvent`` after every step.
         cancel: a ``CancelToken``; cancelling raises ``Interrupted`` (no partial result).
@@ -133,7 +143,7 @@ def generate_image(
         outpaint_fill=outpaint_fill, hires_scale=hires_scale, hires_upscale=hires_upscale,
         hires_steps=hires_steps, hires_strength=hires_strength, eta=eta,
         controlnets=tuple(_control_entry(engine, c) for c in controlnets),
-        embeddings_dir=embeddings_dir,
+        embeddings_dir=embeddings_dir, loras=loras, loras_dir=loras_dir,
     )
     result = engine.generate(request, callback=callback, cancel=cancel)
     images = [_annotated(g) for g in result.images]

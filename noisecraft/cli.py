@@ -121,6 +121,20 @@ def _parse_controlnet(spec: str):
     return ControlNetUnit(parts[0], parts[1], strength)
 
 
+def _parse_lora(spec: str) -> tuple[str, float]:
+    """``PATH[:WEIGHT]`` (a LoRA file, or a name in --loras-dir) -> (path, weight)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            if not Path(spec).is_file():
+                raise typer.BadParameter(
+                    f"--lora takes PATH[:WEIGHT] (a LoRA file or a name in --loras-dir, an "
+                    f"optional number), got {spec!r}") from None
+    return spec, 1.0
+
+
 def _output_paths(out: Path, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
 
@@ -201,6 +215,11 @@ def generate(
     embeddings: Annotated[Path | None, typer.Option(
         "--embeddings", help="Folder of textual-inversion embeddings the prompt may name.")
     ] = None,
+    lora: Annotated[list[str] | None, typer.Option(
+        "--lora", help="PATH[:WEIGHT] LoRA file (or name in --loras-dir) and weight (default "
+                       "1); repeat for several.")] = None,
+    loras_dir: Annotated[Path | None, typer.Option(
+        "--loras-dir", help="Folder of LoRA files that <lora:NAME:WEIGHT> tags name.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     gif: Annotated[Path | None, typer.Option(help="Write the denoising animation.")] = None,
@@ -239,6 +258,7 @@ def generate(
                 hires_strength=hires_strength,
                 controlnets=tuple(_parse_controlnet(c) for c in controlnet or ()),
                 embeddings_dir=embeddings,
+                loras=tuple(_parse_lora(spec) for spec in lora or ()), loras_dir=loras_dir,
             )
         engine = (ctx.obj or {}).get("engine") or Engine(
             device=device, dtype=getattr(torch, _DTYPES[dtype]))

@@ -6,6 +6,11 @@ cancel=)`` takes a frozen :class:`~noisecraft.request.GenerationRequest` and ret
 :class:`~noisecraft.request.GenerationResult`; ``generate_image()``, the CLI, graph nodes and
 server workers all call it.
 
+LoRAs (the request's ``loras`` and the ``<lora:NAME:W>`` tags of its prompts, resolved by
+:func:`noisecraft.loras.resolve_loras`) are merged copy-on-write
+(:func:`noisecraft.checkpoints.lora.lora_bundle`): the cached base model is never changed, and
+the LoRA'd copy is cached too, keyed by the base model and the LoRA files and weights.
+
 Interruption: cancelling the :class:`~noisecraft.request.CancelToken` makes ``generate`` raise
 :class:`~noisecraft.request.Interrupted` before the next step starts (it is checked before
 sampling and after every sampler step); no partial images are returned, and the engine and its
@@ -27,6 +32,7 @@ import torch
 from PIL import Image
 
 from noisecraft.images import tensor_to_images
+from noisecraft.loras import ResolvedLora, hash_label, lora_short_hash, resolve_loras
 from noisecraft.models.family import ModelBundle
 from noisecraft.models.latent_formats import latent_to_preview_image
 from noisecraft.pipelines.common import (
@@ -76,6 +82,14 @@ def _module_bytes(*modules) -> int:
 def bundle_bytes(bundle: ModelBundle) -> int:
     """Memory held by a bundle's weights (parameters and buffers, counted once)."""
     return _module_bytes(bundle.unet, bundle.vae, bundle.text_encoder, *bundle.extras.values())
+
+
+def _own_bytes(copy: ModelBundle, base: ModelBundle) -> int:
+    """Memory of the weights ``copy`` (a LoRA'd copy of ``base``) does not share with it."""
+    shared = {id(t) for m in (base.unet, base.text_encoder)
+              for t in (*m.parameters(), *m.buffers())}
+    return sum(t.numel() * t.element_size() for m in (copy.unet, copy.text_encoder)
+               for t in (*m.parameters(), *m.buffers()) if id(t) not in shared)
 
 
 def _default_cache_bytes() -> int:
@@ -139,6 +153,7 @@ class Engine:
             else DEFAULT_MODEL_PATH
         self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
         self._names: dict[str, tuple] = {}
+        self._lora_hashes: dict[tuple, str] = {}
         self._preview_decoders: dict[str, torch.nn.Module] = {}
         self._lock = threading.RLock()
 
@@ -149,6 +164,7 @@ class Engine:
         bundle = self._place(bundle)
         key = ("registered", name, bundle.sha256)
         with self._lock:
+            self._drop_loras_of(key)  # a LoRA'd copy of an earlier bundle of this name
             self._cache[key] = _Entry(bundle, bundle_bytes(bundle), pinned=True)
             self._names[name] = key
         return bundle
@@ -161,22 +177,67 @@ class Engine:
     def model(self, ref: str | os.PathLike | None) -> ModelBundle:
         """The bundle for a registered name or a checkpoint path (loaded once, then cached);
         None means the built-in default model."""
+        return self._model(ref)[1]
+
+    def _model(self, ref: str | os.PathLike | None) -> tuple[tuple, ModelBundle]:
         with self._lock:
             if ref is not None and str(ref) in self._names:
                 key = self._names[str(ref)]
                 self._cache.move_to_end(key)
-                return self._cache[key].bundle
+                return key, self._cache[key].bundle
             path = self._resolve(ref)
             stat = path.stat()
             key = ("file", str(path), stat.st_size, stat.st_mtime_ns)
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key].bundle
+                return key, self._cache[key].bundle
             bundle = self._place(self._loader(path, self.device, self.dtype))
             nbytes = bundle_bytes(bundle)
             self._evict(nbytes)
             self._cache[key] = _Entry(bundle, nbytes, pinned=False)
-            return bundle
+            return key, bundle
+
+    def model_with_loras(self, ref: str | os.PathLike | None,
+                         loras: tuple[ResolvedLora, ...]) -> ModelBundle:
+        """The model ``ref`` with ``loras`` merged into a copy (the cached model itself never
+        changes); the copy is cached by (model, LoRA files, weights) and costs the memory of
+        the layers the LoRAs touch.  No LoRAs: the model itself."""
+        from noisecraft.checkpoints.files import CheckpointError
+        from noisecraft.checkpoints.lora import lora_bundle
+
+        with self._lock:
+            base_key, base = self._model(ref)
+            if not loras:
+                return base
+            files = []
+            for lo in loras:
+                stat = lo.path.stat()
+                files.append((str(lo.path), stat.st_size, stat.st_mtime_ns,
+                              lo.unet_weight, lo.text_encoder_weight))
+            key = ("lora", base_key, tuple(files))
+            if key not in self._cache:
+                try:
+                    bundle = lora_bundle(base, [(lo.path, lo.unet_weight,
+                                                 lo.text_encoder_weight) for lo in loras])
+                except CheckpointError as e:
+                    raise InputError(str(e)) from None
+                nbytes = _own_bytes(bundle, base)
+                self._evict(nbytes, keep=base_key)
+                self._cache[key] = _Entry(bundle, nbytes, pinned=False)
+            self._cache.move_to_end(key)
+            return self._cache[key].bundle
+
+    def lora_hash(self, path: Path) -> str:
+        """A1111's short hash of a LoRA file (computed once per file version)."""
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            known = self._lora_hashes.get(key)
+        if known is None:  # hashed outside the lock: other requests need not wait for it
+            known = lora_short_hash(path)
+            with self._lock:
+                self._lora_hashes[key] = known
+        return known
 
     def _resolve(self, ref) -> Path:
         if ref is None:
@@ -196,18 +257,35 @@ class Engine:
             )
         return path
 
-    def _evict(self, incoming: int) -> None:
+    def _evict(self, incoming: int, keep: tuple | None = None) -> None:
         used = sum(e.nbytes for e in self._cache.values())
-        for key in [k for k, e in self._cache.items() if not e.pinned]:
+        for key in [k for k, e in self._cache.items() if not e.pinned and k != keep]:
             if used + incoming <= self.max_cache_bytes:
                 break
-            used -= self._cache.pop(key).nbytes
+            if key in self._cache:
+                used -= self._cache.pop(key).nbytes
+                used -= self._drop_loras_of(key)
+
+    def _drop_loras_of(self, base_key: tuple) -> int:
+        """Forget the LoRA'd copies of the model ``base_key`` (they share its weights)."""
+        freed = 0
+        for key in [k for k in self._cache if k[0] == "lora" and k[1] == base_key]:
+            freed += self._cache.pop(key).nbytes
+        return freed
 
     @property
     def cached_models(self) -> list[str]:
         """Names (registered) or paths of the models in the cache, least recently used first
-        (ControlNets not included: see :attr:`cached_controlnets`)."""
-        return [k[1] for k in self._cache if k[0] != "controlnet"]
+        (ControlNets and LoRA'd copies not included: see :attr:`cached_controlnets` and
+        :attr:`cached_loras`)."""
+        return [k[1] for k in self._cache if k[0] not in ("controlnet", "lora")]
+
+    @property
+    def cached_loras(self) -> list[tuple[str, tuple[tuple[str, float, float], ...]]]:
+        """The cached LoRA'd models: (model name or path, ((LoRA file, U-Net weight,
+        text-encoder weight), ...)), least recently used first."""
+        return [(k[1][1], tuple((f[0], f[3], f[4]) for f in k[2]))
+                for k in self._cache if k[0] == "lora"]
 
     @property
     def cached_controlnets(self) -> list[str]:
@@ -279,17 +357,19 @@ class Engine:
         if needs_uncond(request.sampler) and request.guidance_rescale > 0:
             raise InputError(f"guidance_rescale does not apply to the CFG++ sampler "
                              f"{request.sampler!r}; set it to 0 or pick another sampler")
+        plan = resolve_loras(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_RANGE)
         request = request.with_seed(int(seed))
-        bundle = self.model(request.model)
+        bundle = self.model_with_loras(request.model, plan.active)
         bundle = with_controls(bundle, control_specs(request.controlnets, self.controlnet))
         seeds = [request.seed + i for i in range(request.batch_size)]
         run = Run(bundle, self.device, generators_for(seeds), callback, cancel)
         with torch.inference_mode():
-            out = run_request(run, request)
+            out = run_request(run, plan.applied_to(request))
+        hashes = {hash_label(lo.name): self.lora_hash(lo.path) for lo in plan.loras}
         images = tuple(
             GeneratedImage(im, s, image_settings(request, s, out.width, out.height, bundle.name,
-                                                 bundle.short_hash))
+                                                 bundle.short_hash, hashes))
             for im, s in zip(tensor_to_images(out.images), seeds, strict=True)
         )
         return GenerationResult(images, out.latents.detach().cpu(), request)

@@ -5,9 +5,12 @@ An image noisecraft writes carries two PNG text chunks:
 * ``parameters``: AUTOMATIC1111's format, which existing tools (A1111's PNG Info, CivitAI,
   image browsers) read::
 
-      a red circle
+      a red circle <lora:style:0.7>
       Negative prompt: blurry
-      Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x512
+      Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x512,
+      Lora hashes: "style: 0123456789ab"
+
+  (the settings are one line in the file; LoRA tags stay in the prompt, as A1111 keeps them)
 
 * ``noisecraft``: the complete settings as JSON, from which ``noisecraft generate --from``
   re-creates the image exactly.
@@ -112,6 +115,11 @@ def _quote(value: Any) -> str:
     return text
 
 
+def lora_hashes_text(hashes: Mapping[str, str] | None) -> str:
+    """A1111's ``Lora hashes`` value: ``"name: hash, name2: hash2"`` (empty for none)."""
+    return ", ".join(f"{name}: {h}" for name, h in (hashes or {}).items())
+
+
 def format_parameters(settings: Mapping[str, Any]) -> str:
     """AUTOMATIC1111's ``parameters`` text from a settings mapping (noisecraft field names)."""
     lines = [str(settings.get("prompt", ""))]
@@ -128,6 +136,7 @@ def format_parameters(settings: Mapping[str, Any]) -> str:
         ("Model", settings.get("model_name")),
         ("Denoising strength", settings.get("strength") if settings.get("init_image") else None),
         ("Clip skip", settings.get("clip_skip") if settings.get("clip_skip", 1) != 1 else None),
+        ("Lora hashes", lora_hashes_text(settings.get("lora_hashes")) or None),
         ("Version", f"noisecraft {settings['version']}" if settings.get("version") else None),
     ]
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields if v not in (None, "")))

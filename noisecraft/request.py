@@ -12,10 +12,11 @@ refused, never silently rounded, and the error names the two nearest valid sizes
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -158,6 +159,37 @@ class ControlNetUnit:
         return out
 
 
+class LoraEntry(NamedTuple):
+    """One LoRA of a request: ``name`` is a LoRA file's path or a name in the request's
+    ``loras_dir``; its weights for the U-Net and the text encoder(s)."""
+
+    name: str
+    unet_weight: float = 1.0
+    text_encoder_weight: float = 1.0
+
+    @classmethod
+    def of(cls, entry: Any) -> LoraEntry:
+        """An entry from a path or name (weight 1), ``(name, weight)`` (both parts), or
+        ``(name, unet_weight, text_encoder_weight)``."""
+        forms = ("each loras entry must be a path or name, (path, weight) or (path, "
+                 "unet_weight, text_encoder_weight)")
+        if isinstance(entry, str | os.PathLike):
+            entry = (entry,)
+        if not isinstance(entry, tuple | list) or not 1 <= len(entry) <= 3:
+            raise InputError(f"{forms}, got {entry!r:.80}")
+        name = entry[0]
+        if not isinstance(name, str | os.PathLike) or not os.fspath(name):
+            raise InputError(f"{forms}; the first item must be a non-empty path or name, got "
+                             f"{name!r:.80}")
+        weights = list(entry[1:]) or [1.0]
+        for w in weights:
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+                raise InputError(f"LoRA {os.fspath(name)!r}: a weight must be a finite number, "
+                                 f"got {w!r:.40}")
+        unet, text = float(weights[0]), float(weights[-1])
+        return cls(os.fspath(name), unet, text)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One generation job.  See :func:`noisecraft.api.generate_image` for each field.
@@ -194,14 +226,23 @@ class GenerationRequest:
     eta: float | None = None
     controlnets: tuple[ControlNetUnit, ...] = ()
     embeddings_dir: str | None = None
+    loras: tuple[LoraEntry, ...] = ()
+    loras_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.embeddings_dir is not None:
-            object.__setattr__(self, "embeddings_dir", os.fspath(self.embeddings_dir))
+        for name in ("embeddings_dir", "loras_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        if isinstance(self.loras, str | os.PathLike):
+            raise InputError("loras must be a list of entries, e.g. [('style.safetensors', "
+                             f"0.8)], got the single {self.loras!r:.80}")
+        object.__setattr__(self, "loras", tuple(LoraEntry.of(e) for e in self.loras or ()))
         object.__setattr__(self, "controlnets",
                            tuple(ControlNetUnit.of(c) for c in self.controlnets or ()))
-        if not isinstance(self.prompt, str):
-            raise InputError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"{name} must be a string, got "
+                                 f"{type(getattr(self, name)).__name__}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise InputError(f"steps must be a whole number >= 1, got {self.steps!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -280,6 +321,7 @@ class GenerationRequest:
                 out[name] = os.fspath(value)
         out["outpaint"] = list(self.outpaint)
         out["controlnets"] = [c.settings() for c in self.controlnets]
+        out["loras"] = [list(e) for e in self.loras]
         return out
 
     @classmethod
@@ -331,14 +373,17 @@ class GenerationResult:
 
 def image_settings(
     request: GenerationRequest, seed: int, width: int, height: int, model_name: str,
-    model_hash: str | None,
+    model_hash: str | None, lora_hashes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The settings one output image carries: the request with this image's seed, batch 1,
     the resolved first-pass size (as AUTOMATIC1111's ``Size``: before hires fix or outpainting
-    enlarge it), the model's name and hash, and the noisecraft version."""
+    enlarge it), the model's name and hash, the LoRAs' ``{name: short hash}`` (when any), and
+    the noisecraft version."""
     out = request.settings()
     out.update(
         seed=seed, batch_size=1, width=width, height=height, model_name=model_name,
         model_hash=model_hash, version=__version__,
     )
+    if lora_hashes:
+        out["lora_hashes"] = dict(lora_hashes)
     return out

@@ -25,7 +25,12 @@ any backend that reads the module weights sees the LoRA. Each touched layer's or
 *Parameter* is kept (not a copy of it: the merged weight is a new tensor), and
 :meth:`LoraHandle.remove` puts the very same Parameters back, so removal is exact and needs no
 reloading. Several LoRAs applied in one call are summed in float32 before a single rounding
-to the layer's dtype.
+to the layer's dtype. A LoRA takes one weight, or separate U-Net and text-encoder weights;
+layers whose weight is 0 are left untouched.
+
+Copy-on-write (:func:`lora_bundle`): the LoRAs are merged into a clone of the module trees that
+shares every weight tensor with the original, so the original bundle (a model cache's entry,
+other threads) never changes; the copy costs the memory of the touched layers only.
 
 Unknown keys are an **error** by default (naming a few of them and what names were expected),
 because a LoRA for another model family or an unsupported LoRA type (LyCORIS LoHa/LoKr, DoRA)
@@ -34,12 +39,14 @@ would otherwise be applied half; ``strict=False`` turns this into a warning and 
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -263,7 +270,7 @@ class LoraHandle:
     """
 
     def __init__(self, swaps: list[tuple[nn.Module, nn.Parameter, nn.Parameter]],
-                 loras: list[tuple[str, float]]):
+                 loras: list[tuple[str, float, float]]):
         self._swaps = swaps
         self.loras = loras
 
@@ -290,22 +297,40 @@ class LoraHandle:
         self.remove()
 
 
+LoraWeights = tuple[str | os.PathLike, float] | tuple[str | os.PathLike, float, float]
+"""``(file, weight)`` or ``(file, unet_weight, text_encoder_weight)``."""
+
+
+def _part_weights(entry: Sequence) -> tuple[str | os.PathLike, float, float]:
+    if len(entry) == 2:
+        return entry[0], float(entry[1]), float(entry[1])
+    if len(entry) == 3:
+        return entry[0], float(entry[1]), float(entry[2])
+    raise ValueError(f"a LoRA entry is (file, weight) or (file, unet_weight, "
+                     f"text_encoder_weight), got {entry!r:.80}")
+
+
 def apply_loras(
     bundle: ModelBundle,
-    loras: Sequence[tuple[str | os.PathLike, float]],
+    loras: Sequence[LoraWeights],
     *,
     strict: bool = True,
 ) -> LoraHandle:
-    """Merge LoRA files, each with its weight, into ``bundle``'s U-Net and text encoder(s).
+    """Merge LoRA files, each with its weight (or its U-Net and text-encoder weights), into
+    ``bundle``'s U-Net and text encoder(s) in place.
 
-    All files are read and checked before any weight changes. Returns a handle whose
-    ``remove()`` restores the model exactly.
+    All files are read and checked before any weight changes; layers of a part whose weight
+    is 0 are not touched. Returns a handle whose ``remove()`` restores the model exactly.
     """
+    entries = [_part_weights(e) for e in loras]
     totals: dict[tuple[str, str], torch.Tensor] = {}
-    for path, weight in loras:
+    for path, unet_weight, text_weight in entries:
         for layer in read_lora(path, bundle, strict=strict):
+            weight = unet_weight if layer.part == "unet" else text_weight
+            if weight == 0:
+                continue
             key = (layer.part, layer.module)
-            delta = float(weight) * layer.delta()
+            delta = weight * layer.delta()
             totals[key] = totals[key] + delta if key in totals else delta
     swaps = []
     with torch.no_grad():
@@ -317,4 +342,33 @@ def apply_loras(
                                      requires_grad=original.requires_grad)
             module.weight = installed
             swaps.append((module, original, installed))
-    return LoraHandle(swaps, [(str(p), float(w)) for p, w in loras])
+    return LoraHandle(swaps, [(str(p), u, t) for p, u, t in entries])
+
+
+def clone_module(module: nn.Module) -> nn.Module:
+    """A new module tree sharing every parameter and buffer (and tokenizer) with ``module``."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    for sub in module.modules():
+        tok = getattr(sub, "_tokenizer", None)
+        if tok is not None:
+            memo[id(tok)] = tok
+    return copy.deepcopy(module, memo)
+
+
+def lora_bundle(bundle: ModelBundle, loras: Sequence[LoraWeights], *,
+                strict: bool = True) -> ModelBundle:
+    """A copy of ``bundle`` with LoRAs merged (copy-on-write: see the module docstring).
+
+    Only the parts a non-zero weight touches are cloned; ``bundle`` itself is never changed.
+    """
+    entries = [e for e in map(_part_weights, loras) if e[1] != 0 or e[2] != 0]
+    clones = {}
+    if any(u != 0 for _, u, _ in entries):
+        clones["unet"] = clone_module(bundle.unet)
+    if any(t != 0 for _, _, t in entries):
+        clones["text_encoder"] = clone_module(bundle.text_encoder)
+    if not clones:
+        return bundle
+    copy_ = replace(bundle, **clones, extras=dict(bundle.extras))
+    apply_loras(copy_, entries, strict=strict)  # zero weights leave the shared part alone
+    return copy_

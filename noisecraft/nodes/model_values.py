@@ -10,26 +10,25 @@
   ``concat_mask`` (inpainting models).
 * GUIDER (:class:`Guider`): a model with its prompts and CFG scale.
 
-**LoRA: copy-on-write.**  Applying a LoRA clones the module *tree* of the U-Net and text
+**LoRA: copy-on-write.**  Applying a LoRA clones the module *tree* of the U-Net or text
 encoder, sharing every weight tensor with the original, and merges the LoRA into the clone
-(``noisecraft.checkpoints.lora.apply_loras`` swaps in new Parameters for the touched layers
-only).  The original bundle is never modified, so other branches of a graph, the engine's
-cache and other threads keep seeing the plain model; a patched model is an ordinary module
-any backend can run, and costs the memory of its touched layers.  (ComfyUI patches at sample
-time instead, which saves that memory but makes a model's weights depend on which sampler
-is running.)
+(``noisecraft.checkpoints.lora.lora_bundle``, which the engine uses for requests' LoRAs too,
+swaps in new Parameters for the touched layers only).  The original bundle is never
+modified, so other branches of a graph, the engine's cache and other threads keep seeing
+the plain model; a patched model is an ordinary module any backend can run, and costs the
+memory of its touched layers.  (ComfyUI patches at sample time instead, which saves that
+memory but makes a model's weights depend on which sampler is running.)
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from noisecraft.checkpoints.lora import lora_bundle
 from noisecraft.engine import Engine
 from noisecraft.models.family import Family, ModelBundle
 from noisecraft.models.latent_formats import LatentFormat
@@ -45,16 +44,6 @@ def engine_of(context: Any) -> Engine:
         raise LookupError("model nodes need an execution context with an engine; pass "
                           "ExecutionContext(resources={'engine': Engine()})")
     return execution.resource("engine")
-
-
-def clone_module(module: nn.Module) -> nn.Module:
-    """A new module tree sharing every parameter and buffer (and tokenizer) with ``module``."""
-    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    for sub in module.modules():
-        tok = getattr(sub, "_tokenizer", None)
-        if tok is not None:
-            memo[id(tok)] = tok
-    return copy.deepcopy(module, memo)
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,13 +89,10 @@ class VaeValue:
 def with_loras(bundle: ModelBundle, loras: list[tuple[str, float]], part: str) -> ModelBundle:
     """A copy of ``bundle`` with LoRA files merged into a clone of ``part`` (``unet`` or
     ``text_encoder``); the other part and the original bundle are left as they are."""
-    from noisecraft.checkpoints.lora import apply_loras
-
-    clone = replace(bundle, unet=clone_module(bundle.unet),
-                    text_encoder=clone_module(bundle.text_encoder), extras=dict(bundle.extras))
-    apply_loras(clone, loras)  # merges into both clones; keep only the asked-for part
-    other = "text_encoder" if part == "unet" else "unet"
-    return replace(clone, **{other: getattr(bundle, other)})
+    if part not in ("unet", "text_encoder"):
+        raise ValueError(f"part must be 'unet' or 'text_encoder', got {part!r}")
+    weights = [(p, w, 0.0) if part == "unet" else (p, 0.0, w) for p, w in loras]
+    return lora_bundle(bundle, weights)
 
 
 # ---- conditioning ---------------------------------------------------------------------------

@@ -7,7 +7,9 @@ base64 PNGs that carry the ``parameters`` chunk.  Fields noisecraft does not imp
 (``restore_faces``, ``tiling``, scripts, ...) are accepted and ignored, as A1111 ignores
 scripts it does not have; wrong types and values are refused with a 4xx saying which field.
 The ControlNet extension's ``alwayson_scripts.controlnet.args`` units are run
-(:func:`_controlnets`).
+(:func:`_controlnets`).  ``<lora:NAME:WEIGHT>`` tags in the prompt and negative prompt apply
+the LoRA ``NAME`` from ``models/loras`` (the names ``GET /loras`` lists), as A1111's built-in
+Lora extension does; the tags stay in the answer's prompt and infotext, with ``Lora hashes``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from noisecraft.metadata import (
     A1111_SCHEDULERS,
     PARAMETERS_KEY,
     format_parameters,
+    lora_hashes_text,
     parse_parameters,
     sampler_from_a1111,
     scheduler_from_a1111,
@@ -165,6 +168,11 @@ def _overrides(body: dict) -> dict:
     return value
 
 
+def _extra_params(settings: dict[str, Any]) -> dict[str, Any]:
+    hashes = lora_hashes_text(settings.get("lora_hashes"))
+    return {"Lora hashes": hashes} if hashes else {}
+
+
 async def _answer(state, body: dict, payload: dict) -> dict[str, Any]:
     job = await run_job(state, payload)
     pngs = await run_in_threadpool(output_images, state, job)
@@ -184,7 +192,8 @@ async def _answer(state, body: dict, payload: dict) -> dict[str, Any]:
         "sd_model_name": first.get("model_name"), "sd_model_hash": first.get("model_hash"),
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": body.get("denoising_strength"),
-        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts,
+        "extra_generation_params": _extra_params(first), "index_of_first_image": 0,
+        "infotexts": texts,
         "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
         "is_using_inpainting_conditioning": False, "version": f"noisecraft {__version__}",
         "prompt_id": job.id,

@@ -5,10 +5,12 @@
 
 The body holds :func:`noisecraft.api.generate_image`'s settings (``prompt`` required;
 ``model`` is a name from ``GET /models/checkpoints``; ``init_image``/``mask`` are base64
-images).  The answer is the PNG (with its ``parameters`` chunk) and the headers ``X-Seed`` and
-``X-Prompt-Id``; with ``"response": "json"`` it is ``{"images": [base64 PNG...], "seeds",
-"info", "prompt_id"}`` instead.  ``"wait": false`` answers 202 ``{"prompt_id", "number"}``
-as soon as the job is queued (durably); ``"client_id"`` routes its events to that ``/ws``.
+images; ``loras`` entries and ``<lora:NAME:W>`` prompt tags name files in ``models/loras``,
+as ``GET /sdapi/v1/loras`` lists them, never paths).  The answer is the PNG (with its
+``parameters`` chunk) and the headers ``X-Seed`` and ``X-Prompt-Id``; with ``"response":
+"json"`` it is ``{"images": [base64 PNG...], "seeds", "info", "prompt_id"}`` instead.
+``"wait": false`` answers 202 ``{"prompt_id", "number"}`` as soon as the job is queued
+(durably); ``"client_id"`` routes its events to that ``/ws``.
 The server validates and enqueues; a worker generates.
 """
 
@@ -25,6 +27,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from noisecraft.graph import safe_join
+from noisecraft.loras import confine_loras
 from noisecraft.request import GenerationRequest, InputError
 from noisecraft.server.jobqueue import SUCCESS, Job
 from noisecraft.server.security import RequestError, decode_image, read_json
@@ -69,6 +72,7 @@ def build_payload(state, settings: dict[str, Any], images: dict[str, Image.Image
         settings[name] = str(path)
     try:
         request = GenerationRequest.from_settings(settings)
+        confine_loras(request, state.folders.models("loras"))  # the worker does it again
     except (InputError, TypeError, ValueError) as e:
         raise RequestError(str(e), kind="invalid_settings") from None
     if request.steps > limits.max_steps:

@@ -10,8 +10,9 @@ Job kinds and their payloads (plain JSON):
 
 * ``generate``: ``{"settings": GenerationRequest.settings(), "inputs": {"init_image":
   "relative/path/in/input.png", "mask": ...}, "save": {"type": "output" | "temp",
-  "prefix": "noisecraft"}}``; the result's ``outputs`` is ``{"images": [{"filename",
-  "subfolder", "type"}]}`` plus ``seeds``.
+  "prefix": "noisecraft"}}`` (LoRAs are names in ``models/loras``, resolved here by
+  :func:`~noisecraft.loras.confine_loras`); the result's ``outputs`` is ``{"images":
+  [{"filename", "subfolder", "type"}]}`` plus ``seeds``.
 * ``workflow``: ``{"prompt": API-format prompt, "extra_data": {...}}``, run by the graph
   :class:`~noisecraft.graph.Executor`; the result holds ComfyUI's history ``outputs``.
 """
@@ -29,6 +30,7 @@ from typing import Any
 from PIL import Image
 
 from noisecraft.graph import ExecutionContext, Executor, NodeRegistry, safe_join
+from noisecraft.loras import confine_loras
 from noisecraft.metadata import save_png
 from noisecraft.request import CancelToken, GenerationRequest, InputError, Interrupted
 from noisecraft.server.config import WorkerConfig
@@ -231,6 +233,7 @@ class Worker:
         payload = job.payload
         request = GenerationRequest.from_settings(payload["settings"],
                                                   **self._resolve_inputs(payload))
+        request = confine_loras(request, self.folders.models("loras"))
         save = payload.get("save") or {}
         kind = save.get("type", "output")
         folder = self.folders.of_type(kind)
