@@ -38,9 +38,7 @@ def register_builtin_nodes(registry: NodeRegistry, *, models: bool = True) -> No
     return registry
 
 
-def builtin_registry(*, models: bool = False) -> NodeRegistry:
-    """A new registry holding the built-in model-free nodes (``models=True``: all of them).
-
-    (Model nodes are opt-in here because tests/graph/model_stubs.py registers stand-ins
-    under the same names on top of this registry.)"""
+def builtin_registry(*, models: bool = True) -> NodeRegistry:
+    """A new registry holding all the built-in nodes (``models=False``: only the model-free
+    ones, which need no engine)."""
     return register_builtin_nodes(NodeRegistry(), models=models)

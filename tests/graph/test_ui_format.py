@@ -1,12 +1,23 @@
-"""UI-format (editor-saved) workflows written by hand after ComfyUI's published structure."""
+"""UI-format (editor-saved) workflows written by hand after ComfyUI's published structure.
+
+They run on the real built-in nodes with a tiny SD 1.x checkpoint in the real single-file
+format (``tests/fixtures/checkpoints.py``)."""
 
 import copy
 
 import pytest
 
-from noisecraft.graph import ExecutionContext, WorkflowFormatError, run_workflow, ui_to_api
+from noisecraft.graph import WorkflowFormatError, run_workflow, ui_to_api
 from noisecraft.graph.run import load_workflow
-from tests.graph.model_stubs import txt2img_registry
+from tests.nodes.test_model_nodes_support import make_context, write_models
+from tests.nodes.test_model_nodes_support import registry as txt2img_registry
+
+CKPT = "v1-5.safetensors"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return write_models(tmp_path_factory.mktemp("models"), {CKPT: "sd1"})
 
 SUBGRAPH_ID = "6a3c0f4e-1b2d-4c5e-8f90-a1b2c3d4e5f6"
 
@@ -107,14 +118,16 @@ def test_txt2img_ui_workflow_converts_exactly():
     assert ui_to_api(txt2img_workflow(), txt2img_registry()) == EXPECTED
 
 
-def test_converted_workflow_runs_and_saves(tmp_path):
-    context = ExecutionContext(input_dir=tmp_path / "in", output_dir=tmp_path / "out")
-    outputs = run_workflow(txt2img_workflow(), registry=txt2img_registry(), context=context,
+def test_converted_workflow_runs_and_saves(models, tmp_path):
+    context = make_context(models, tmp_path)
+    wf = txt2img_workflow()
+    next(n for n in wf["nodes"] if n["id"] == 3)["widgets_values"][2] = 2  # steps: 2 suffice
+    outputs = run_workflow(wf, registry=txt2img_registry(), context=context,
                            overrides={"3.seed": 7})
     assert outputs == {"9": {"images": [
         {"filename": "noisecraft_00001_.png", "subfolder": "", "type": "output"},
         {"filename": "noisecraft_00002_.png", "subfolder": "", "type": "output"}]}}
-    assert (tmp_path / "out" / "noisecraft_00002_.png").is_file()
+    assert (tmp_path / "output" / "noisecraft_00002_.png").is_file()
 
 
 def test_workflow_file_in_either_format(tmp_path):
