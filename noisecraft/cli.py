@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from noisecraft.cli_lora import train_lora
+
 app = typer.Typer(
     name="noisecraft",
     help="Diffusion-model image generation you can see into.",
@@ -388,6 +390,9 @@ def train(
     except (DatasetError, ValueError, FileExistsError) as e:
         _fail(str(e))
     typer.echo(f"step {result.step}: {result.model_path or 'unfinished; run again to resume'}")
+
+
+app.command("train-lora")(train_lora)
 
 
 def _parse_sets(items: list[str]) -> dict:
