@@ -27,8 +27,8 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from noisecraft.graph import safe_join
-from noisecraft.loras import confine_loras
 from noisecraft.request import GenerationRequest, InputError
+from noisecraft.server.confine import confine_request
 from noisecraft.server.jobqueue import SUCCESS, Job
 from noisecraft.server.security import RequestError, decode_image, read_json
 
@@ -72,7 +72,7 @@ def build_payload(state, settings: dict[str, Any], images: dict[str, Image.Image
         settings[name] = str(path)
     try:
         request = GenerationRequest.from_settings(settings)
-        confine_loras(request, state.folders.models("loras"))  # the worker does it again
+        confine_request(request, state.folders)  # the worker does it again
     except (InputError, TypeError, ValueError) as e:
         raise RequestError(str(e), kind="invalid_settings") from None
     if request.steps > limits.max_steps:

@@ -30,10 +30,10 @@ from typing import Any
 from PIL import Image
 
 from noisecraft.graph import ExecutionContext, Executor, NodeRegistry, safe_join
-from noisecraft.loras import confine_loras
 from noisecraft.metadata import save_png
 from noisecraft.request import CancelToken, GenerationRequest, InputError, Interrupted
 from noisecraft.server.config import WorkerConfig
+from noisecraft.server.confine import confine_request
 from noisecraft.server.jobqueue import ERROR, INTERRUPTED, SUCCESS, Job, JobQueue, worker_identity
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class Worker:
         payload = job.payload
         request = GenerationRequest.from_settings(payload["settings"],
                                                   **self._resolve_inputs(payload))
-        request = confine_loras(request, self.folders.models("loras"))
+        request = confine_request(request, self.folders)
         save = payload.get("save") or {}
         kind = save.get("type", "output")
         folder = self.folders.of_type(kind)

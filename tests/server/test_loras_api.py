@@ -28,10 +28,27 @@ def add_lora(data_dir):
     write_kohya_lora(folder / "style.safetensors", "sd1", seed=3)
 
 
+def add_embedding(data_dir, checkpoint):
+    """models/embeddings/crimson.safetensors: one vector, the checkpoint's own input embedding
+    of the token "red" (so "embedding:crimson" must draw what "red" draws)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from noisecraft.models.tokenizer import CLIPTokenizer
+
+    (token,) = CLIPTokenizer().encode("red")
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    with safe_open(str(checkpoint), framework="pt") as f:
+        red = f.get_tensor(key)[token]
+    folder = data_dir / "models" / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"emb_params": red[None].float().contiguous()}, str(folder / "crimson.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("a1111-loras") / "data"
-    write_tiny_model(data, tmp_path_factory.getbasetemp())
+    add_embedding(data, write_tiny_model(data, tmp_path_factory.getbasetemp()))
     add_lora(data)
     with Server(data) as s:
         yield s
@@ -68,6 +85,17 @@ def test_a1111_txt2img_applies_a_prompt_tag(server):
                                   np.asarray(tagged))
 
 
+def test_prompts_name_embeddings_in_models_embeddings(server):
+    red = np.asarray(image_of(txt2img(server, "a red circle")["images"][0]))
+    crimson = np.asarray(image_of(txt2img(server, "a embedding:crimson circle")["images"][0]))
+    np.testing.assert_array_equal(crimson, red)
+    blue = np.asarray(image_of(txt2img(server, "a blue circle")["images"][0]))
+    assert not np.array_equal(blue, red)  # the words matter at this size
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", timeout=300,
+                   json={"prompt": "a embedding:nope circle", **A1111})
+    assert r.status_code >= 400 and "nope" in r.text
+
+
 @pytest.fixture()
 def client(tmp_path):
     add_lora(tmp_path / "data")
@@ -87,6 +115,8 @@ def client(tmp_path):
     ("/api/generate", {"prompt": "x", "loras": [["../queue.db", 1]]}, "must not contain '..'"),
     ("/api/generate", {"prompt": "x", "loras": [["/etc/passwd", 1]]}, "no absolute paths"),
     ("/api/generate", {"prompt": "x", "loras_dir": "/etc"}, "loras_dir cannot be chosen"),
+    ("/api/generate", {"prompt": "x", "embeddings_dir": "/etc"},
+     "embeddings_dir cannot be chosen"),
     ("/api/generate", {"prompt": "x", "loras": [["style", "much"]]},
      "a weight must be a finite number"),
 ])
