@@ -9,10 +9,14 @@ from __future__ import annotations
 from noisecraft.graph.registry import NodeRegistry
 from noisecraft.nodes.files import FILE_NODES
 from noisecraft.nodes.image import IMAGE_NODES
+from noisecraft.nodes.image_ops import IMAGE_OP_NODES
 from noisecraft.nodes.latent import LATENT_NODES
+from noisecraft.nodes.latent_ops import LATENT_OP_NODES
+from noisecraft.nodes.mask_ops import MASK_OP_NODES
 from noisecraft.nodes.sampling import SAMPLING_NODES
 
-MODEL_FREE_NODES = (*LATENT_NODES, *IMAGE_NODES, *FILE_NODES, *SAMPLING_NODES)
+MODEL_FREE_NODES = (*LATENT_NODES, *LATENT_OP_NODES, *IMAGE_NODES, *IMAGE_OP_NODES,
+                    *MASK_OP_NODES, *FILE_NODES, *SAMPLING_NODES)
 
 
 def model_nodes() -> tuple:

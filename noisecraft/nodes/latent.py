@@ -16,7 +16,7 @@ from noisecraft.graph.schema import (
     NodeSchema,
     Output,
 )
-from noisecraft.nodes.tensors import CROP_METHODS, LATENT_UPSCALE_METHODS, repeat_masks, resize
+from noisecraft.nodes.tensors import CROP_METHODS, LATENT_UPSCALE_METHODS, repeat_to_batch, resize
 
 # SD1/SD2/SDXL latents: 4 channels at 1/8 the pixel size.  Subclass and change these for
 # other latent formats (EmptyLatentImage reads them from the class).
@@ -124,7 +124,7 @@ class LatentFromBatch(Node):
             if masks.shape[0] == 1:
                 out["noise_mask"] = masks.clone()
             else:
-                out["noise_mask"] = repeat_masks(masks, x.shape[0])[start:start + length].clone()
+                out["noise_mask"] = repeat_to_batch(masks, x.shape[0])[start:start + length].clone()
         indices = samples.get("batch_index", list(range(x.shape[0])))
         out["batch_index"] = list(indices)[start:start + length]
         return (out,)
@@ -144,7 +144,7 @@ class RepeatLatentBatch(Node):
         out["samples"] = x.repeat((amount,) + (1,) * (x.ndim - 1))
         masks = samples.get("noise_mask")
         if masks is not None and masks.shape[0] > 1:
-            masks = repeat_masks(masks, x.shape[0])
+            masks = repeat_to_batch(masks, x.shape[0])
             out["noise_mask"] = masks.repeat((amount,) + (1,) * (masks.ndim - 1))
         if "batch_index" in samples:
             idx = list(samples["batch_index"])

@@ -67,9 +67,60 @@ def as_batch_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape((-1, mask.shape[-2], mask.shape[-1]))
 
 
-def repeat_masks(masks: torch.Tensor, batch: int) -> torch.Tensor:
-    """Tile a mask batch [b, ...] to at least ``batch`` items, cut to ``batch``."""
-    if masks.shape[0] < batch:
-        reps = -(-batch // masks.shape[0])
-        masks = masks.repeat(reps, *([1] * (masks.ndim - 1)))
-    return masks[:batch]
+def repeat_to_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Tile a batch [b, ...] (masks, latents, images) to at least ``batch`` items, then cut it
+    to ``batch`` (ComfyUI's ``repeat_to_batch_size``)."""
+    if t.shape[0] < batch:
+        reps = -(-batch // t.shape[0])
+        t = t.repeat(reps, *([1] * (t.ndim - 1)))
+    return t[:batch]
+
+
+def match_latent(target_shape: torch.Size, x: torch.Tensor) -> torch.Tensor:
+    """``x`` [b, C, h, w] resized (bilinear, centre crop) to ``target_shape``'s h and w and
+    tiled or cut to its batch (ComfyUI's ``reshape_latent_to``)."""
+    if x.shape[1:] != target_shape[1:]:
+        x = resize(x, target_shape[-1], target_shape[-2], "bilinear", "center")
+    return repeat_to_batch(x, target_shape[0])
+
+
+def alpha_fix(destination: torch.Tensor, source: torch.Tensor):
+    """Make two IMAGEs' channel counts agree as ComfyUI's ``image_alpha_fix`` does: an RGBA
+    source over an RGB destination loses its alpha; an RGB source over an RGBA destination
+    gains an opaque alpha channel.  Returns (destination, source)."""
+    if destination.shape[-1] < source.shape[-1]:
+        source = source[..., :destination.shape[-1]]
+    elif destination.shape[-1] > source.shape[-1]:
+        source = F.pad(source, (0, 1), value=1.0)
+    return destination, source
+
+
+def composite(destination: torch.Tensor, source: torch.Tensor, x: int, y: int,
+              mask: torch.Tensor | None = None, multiplier: int = 8,
+              resize_source: bool = False) -> torch.Tensor:
+    """Paste ``source`` [b, C, h, w] onto ``destination`` [B, C, H, W] (modified in place and
+    returned) with its top-left corner at pixel (x, y), i.e. at (x // multiplier, y //
+    multiplier) in tensor pixels (8 for latents, 1 for images).  ``mask`` (any size, resized
+    bilinearly to the source) weights the source: out = mask * source + (1 - mask) * dest.
+    The source is tiled to the destination's batch; whatever falls outside is dropped
+    (ComfyUI's ``nodes_mask.composite``)."""
+    if resize_source:
+        source = F.interpolate(source, size=destination.shape[-2:], mode="bilinear")
+    source = repeat_to_batch(source.to(destination.device), destination.shape[0])
+    height, width = destination.shape[-2:]
+    left = min(max(x, 0), width * multiplier) // multiplier
+    top = min(max(y, 0), height * multiplier) // multiplier
+    visible_h = min(source.shape[-2], height - top)
+    visible_w = min(source.shape[-1], width - left)
+    if mask is None:
+        weight = torch.ones_like(source[:, :1])
+    else:
+        m = mask.to(destination.device, dtype=source.dtype)
+        weight = F.interpolate(m.reshape(-1, 1, m.shape[-2], m.shape[-1]),
+                               size=source.shape[-2:], mode="bilinear")
+        weight = repeat_to_batch(weight, source.shape[0])
+    weight = weight[..., :visible_h, :visible_w]
+    region = (..., slice(top, top + visible_h), slice(left, left + visible_w))
+    destination[region] = (weight * source[..., :visible_h, :visible_w]
+                           + (1 - weight) * destination[region])
+    return destination
