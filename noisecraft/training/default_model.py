@@ -116,13 +116,20 @@ def model_config(vae_file: Path | None = None):
 
 
 def stage_done(root: Path, stage: str) -> bool:
+    """True when the stage's final file exists; for ``diffusion``, also written at
+    ``DIFFUSION_STEPS`` (raise it and the stage continues from its newest checkpoint)."""
     root = Path(root)
     if stage == "vae":
         return (root / "vae" / VAE_FILE).exists()
     if stage == "diffusion":
+        from noisecraft.training.state import read_metadata
         from noisecraft.training.trainer import MODEL_FILE
 
-        return (root / "diffusion" / MODEL_FILE).exists()
+        path = root / "diffusion" / MODEL_FILE
+        if not path.exists():
+            return False
+        step = (read_metadata(path).get("noisecraft.training") or {}).get("step")
+        return step is None or step >= DIFFUSION_STEPS
     raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
 
 

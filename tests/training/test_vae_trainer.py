@@ -127,3 +127,19 @@ def test_reconstruction_score_reads_back_every_image(tmp_path):
     from PIL import Image
 
     assert Image.open(grid).size == (8 * RESOLUTION, 2 * RESOLUTION)
+
+
+def test_diffusion_stage_is_done_only_at_its_step_count(tmp_path, monkeypatch):
+    from noisecraft.training import default_model, state
+
+    path = tmp_path / "diffusion" / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    assert not default_model.stage_done(tmp_path, "diffusion")
+    state.save_model_file(path, {"model.": {"w": torch.zeros(1)}},
+                          {"noisecraft.training": {"step": 4000, "samples": 64000}})
+    monkeypatch.setattr(default_model, "DIFFUSION_STEPS", 4000)
+    assert default_model.stage_done(tmp_path, "diffusion")
+    monkeypatch.setattr(default_model, "DIFFUSION_STEPS", 8000)  # raised: continue training
+    assert not default_model.stage_done(tmp_path, "diffusion")
+    with pytest.raises(ValueError, match="the stages are vae, diffusion"):
+        default_model.stage_done(tmp_path, "nope")
