@@ -20,9 +20,11 @@ MODEL_FREE_NODES = (*LATENT_NODES, *LATENT_OP_NODES, *IMAGE_NODES, *IMAGE_OP_NOD
 
 
 def model_nodes() -> tuple:
-    """The nodes that run models (loaders, conditioning, samplers, VAE, teaching); they find
-    the engine in ``ExecutionContext.resources["engine"]``."""
+    """The nodes that run models (loaders, conditioning, samplers, VAE, teaching) and those
+    that edit their values (CONDITIONING); the former find the engine in
+    ``ExecutionContext.resources["engine"]``."""
     from noisecraft.nodes.conditioning import CONDITIONING_NODES
+    from noisecraft.nodes.conditioning_ops import CONDITIONING_OP_NODES
     from noisecraft.nodes.control import CONTROL_NODES
     from noisecraft.nodes.loaders import LOADER_NODES
     from noisecraft.nodes.samplers import SAMPLER_NODES
@@ -30,8 +32,8 @@ def model_nodes() -> tuple:
     from noisecraft.nodes.upscale import UPSCALE_NODES
     from noisecraft.nodes.vae import VAE_NODES
 
-    return (*LOADER_NODES, *CONDITIONING_NODES, *SAMPLER_NODES, *VAE_NODES, *TEACHING_NODES,
-            *CONTROL_NODES, *UPSCALE_NODES)
+    return (*LOADER_NODES, *CONDITIONING_NODES, *CONDITIONING_OP_NODES, *SAMPLER_NODES,
+            *VAE_NODES, *TEACHING_NODES, *CONTROL_NODES, *UPSCALE_NODES)
 
 
 def register_builtin_nodes(registry: NodeRegistry, *, models: bool = True) -> NodeRegistry:

@@ -3,8 +3,10 @@
 The usual case, one prompt entry for each side covering the whole image, is exactly the
 engine's ``guided_denoiser`` (cond and uncond in one batch), so a graph and
 ``generate_image`` run the same numbers.  Several entries (ConditioningCombine) or areas
-(ConditioningSetArea) follow ComfyUI: each entry's x0 prediction over its area, weighted by its
-strength, averaged where entries overlap, then classifier-free guidance on the averages.
+(ConditioningSetArea and its percentage form), masks (ConditioningSetMask) and timestep ranges
+(ConditioningSetTimestepRange) follow ComfyUI: each active entry's x0 prediction over its area,
+weighted per pixel (strength, mask, faded area edges; :mod:`noisecraft.nodes.regions`),
+averaged where entries overlap, then classifier-free guidance on the averages.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from noisecraft.diffusion import BoundDenoiser
 from noisecraft.models.family import ModelBundle
 from noisecraft.nodes.control import controls_of, uncond_controls_of
 from noisecraft.nodes.model_values import Guider, entry_cond, is_plain
+from noisecraft.nodes.regions import mirror_areas, region_of, resolve_entry
+from noisecraft.nodes.tensors import repeat_to_batch
 from noisecraft.pipelines.common import Run, downsample_mask, guided_denoiser, vae_factor
 from noisecraft.pipelines.inpaint import txt2img_concat
 
@@ -68,10 +72,14 @@ def guider_denoiser(guider: Guider, run: Run, shape: torch.Size) -> BoundDenoise
         uncond = entry_cond(bundle, guider.negative[0], width, height, negative=True)
         return guided_denoiser(bundle, Conditioning(cond, uncond), guider.cfg, 0.0, concat,
                                controls, uncond_controls_of(guider.positive, guider.negative))
-    pos = _area_average(bundle, guider.positive, width, height, concat, negative=False)
+    h, w = shape[-2:]
+    positive = [resolve_entry(e, h, w) for e in guider.positive]
     if guider.negative is None or guider.cfg == 1.0:
-        return pos
-    neg = _area_average(bundle, guider.negative, width, height, concat, negative=True)
+        return _area_average(bundle, positive, width, height, concat, negative=False)
+    negative = [resolve_entry(e, h, w) for e in guider.negative]
+    positive, negative = mirror_areas(positive, negative)
+    pos = _area_average(bundle, positive, width, height, concat, negative=False)
+    neg = _area_average(bundle, negative, width, height, concat, negative=True)
 
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x0_u = neg(x, sigma)
@@ -81,29 +89,36 @@ def guider_denoiser(guider: Guider, run: Run, shape: torch.Size) -> BoundDenoise
 
 
 def _area_average(bundle, entries, width, height, concat, *, negative) -> BoundDenoiser:
-    """ComfyUI's ``calc_cond_batch`` for one side: sum of strength * x0 over each entry's area
-    divided by the summed weights (entries are run one by one, unguided)."""
+    """ComfyUI's ``calc_cond_batch`` for one side: the x0 predictions of the entries acting at
+    this sigma, each over its area and weighted per pixel (:mod:`noisecraft.nodes.regions`),
+    summed and divided by the summed weights (entries are run one by one, unguided).  Where
+    no entry acts the prediction is 0, as in ComfyUI."""
+    f = vae_factor(bundle)
+    schedule = bundle.family.schedule()
     parts = []
     for entry in entries:
-        opts = entry[1]
-        f = vae_factor(bundle)
-        h, w, top, left = opts.get("area") or (height // f, width // f, 0, 0)
+        region = region_of(entry, height // f, width // f, schedule)
+        if region is None:
+            continue
+        top, left, h, w = region.box
         cond = entry_cond(bundle, entry, width, height, negative)
         crop = None if concat is None else concat[..., top:top + h, left:left + w]
         denoise = guided_denoiser(bundle, Conditioning(cond, cond), 1.0, 0.0, crop,
                                   controls_of([entry]))
-        parts.append((denoise, (top, left, h, w), float(opts.get("strength", 1.0))))
+        parts.append((denoise, region))
 
     def average(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(x)
         weight = torch.zeros_like(x[:, :1])
-        for denoise, (top, left, h, w), strength in parts:
-            region = (..., slice(top, top + h), slice(left, left + w))
-            patch = x[region]
-            if patch.numel() == 0:
+        level = float(torch.as_tensor(sigma).reshape(-1)[0])
+        for denoise, region in parts:
+            if not region.acts_at(level):
                 continue
-            total[region] += strength * denoise(patch, sigma)
-            weight[region] += strength
+            mult = region.weight.to(x)
+            if mult.shape[0] not in (1, x.shape[0]):
+                mult = repeat_to_batch(mult, x.shape[0])
+            total[region.slices] += mult * denoise(x[region.slices], sigma)
+            weight[region.slices] += mult
         return total / weight.clamp(min=1e-37)
 
     return average

@@ -6,8 +6,10 @@
   options ``pooled_output`` (SDXL), ``width``/``height``/``crop_w``/``crop_h``/
   ``target_width``/``target_height`` (SDXL size conditioning; default: the latent's size, no
   crop), ``aesthetic_score`` (refiner; default 6 for positive, 2.5 for negative, as ComfyUI),
-  ``area`` ``(h, w, y, x)`` in latent pixels, ``strength``, ``concat_latent_image`` /
-  ``concat_mask`` (inpainting models).
+  ``area`` ``(h, w, y, x)`` in latent pixels or ``("percentage", h, w, y, x)``, ``strength``,
+  ``mask`` / ``mask_strength`` / ``set_area_to_bounds``, ``start_percent`` / ``end_percent``
+  (see :mod:`noisecraft.nodes.regions`), ``concat_latent_image`` / ``concat_mask``
+  (inpainting models).
 * GUIDER (:class:`Guider`): a model with its prompts and CFG scale.
 
 **LoRA: copy-on-write.**  Applying a LoRA clones the module *tree* of the U-Net or text
@@ -135,14 +137,16 @@ def entry_cond(bundle: ModelBundle, entry: list, width: int, height: int,
 
 
 def is_plain(conditioning: list | None) -> bool:
-    """One entry that covers the whole image at full strength (the engine's usual case)."""
+    """One entry that covers the whole image at full strength for the whole run (the
+    engine's usual case)."""
     if conditioning is None:
         return True
     if len(conditioning) != 1:
         return False
     opts = conditioning[0][1]
     return opts.get("area") is None and opts.get("mask") is None \
-        and float(opts.get("strength", 1.0)) == 1.0
+        and float(opts.get("strength", 1.0)) == 1.0 \
+        and opts.get("start_percent", 0.0) <= 0.0 and opts.get("end_percent", 1.0) >= 1.0
 
 
 def entries_with(conditioning: list, **options: Any) -> list:
