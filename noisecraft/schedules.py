@@ -176,6 +176,33 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     return _append_zero(log_sigmas.exp())
 
 
+def polyexponential_sigmas(
+    n: int, sigma_min: float, sigma_max: float, rho: float = 1.0
+) -> torch.Tensor:
+    """Log sigma polynomial in the step index: log sigma = log sigma_min + r^rho (log sigma_max -
+    log sigma_min), r from 1 to 0 (k-diffusion's ``get_sigmas_polyexponential``; rho = 1 is
+    :func:`exponential_sigmas`)."""
+    ramp = torch.linspace(1, 0, n, dtype=F64) ** rho
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    return _append_zero((ramp * (hi - lo) + lo).exp())
+
+
+def vp_sigmas(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3):
+    """Noise levels of the continuous variance-preserving SDE (Song et al. 2021, "Score-Based
+    Generative Modeling through SDEs") in sigma form, sigma(t) = sqrt(exp(beta_d t^2 / 2 +
+    beta_min t) - 1), t from 1 down to eps_s (k-diffusion's ``get_sigmas_vp``)."""
+    t = torch.linspace(1, eps_s, n, dtype=F64)
+    return _append_zero(torch.special.expm1(beta_d * t**2 / 2 + beta_min * t).sqrt())
+
+
+def sd_turbo_sigmas(schedule: DiscreteSchedule, steps: int, denoise: float = 1.0):
+    """SD-Turbo's few-step schedule (ComfyUI's SDTurboScheduler): of the timesteps 999, 899,
+    ..., 99, skip the first 10 - int(10 denoise) and take ``steps``, then 0."""
+    start = 10 - int(10 * denoise)
+    timesteps = (torch.arange(1, 11) * 100 - 1).flip(0)[start:start + steps]
+    return _append_zero(schedule.sigmas[timesteps].to(F64))
+
+
 def normal_sigmas(schedule: DiscreteSchedule, n: int, sgm: bool = False) -> torch.Tensor:
     """Timesteps evenly spaced from T-1 to 0 (ComfyUI ``normal``; ``sgm`` drops the endpoint)."""
     start = float(schedule.sigma_to_t(torch.tensor(schedule.sigma_max, dtype=F64)))

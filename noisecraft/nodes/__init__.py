@@ -7,6 +7,7 @@ engine (model nodes are registered the same way by the code that owns models).
 from __future__ import annotations
 
 from noisecraft.graph.registry import NodeRegistry
+from noisecraft.nodes.custom_samplers import CUSTOM_SAMPLER_NODES
 from noisecraft.nodes.files import FILE_NODES
 from noisecraft.nodes.image import IMAGE_NODES
 from noisecraft.nodes.image_ops import IMAGE_OP_NODES
@@ -16,7 +17,7 @@ from noisecraft.nodes.mask_ops import MASK_OP_NODES
 from noisecraft.nodes.sampling import SAMPLING_NODES
 
 MODEL_FREE_NODES = (*LATENT_NODES, *LATENT_OP_NODES, *IMAGE_NODES, *IMAGE_OP_NODES,
-                    *MASK_OP_NODES, *FILE_NODES, *SAMPLING_NODES)
+                    *MASK_OP_NODES, *FILE_NODES, *SAMPLING_NODES, *CUSTOM_SAMPLER_NODES)
 
 
 def model_nodes() -> tuple:

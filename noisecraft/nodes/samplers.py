@@ -105,7 +105,7 @@ def sample_latent(
             denoiser = masked_denoiser(denoiser, x0, mask, drawn)
         x = x0 + drawn * float(sigmas[0])
         out = run_sampler(run, denoiser, x, sigmas, sampler.name,
-                          eta=sampler.options.get("eta"))
+                          options=sampler.options)
         if mask is not None:
             out = out * mask + x0 * (1 - mask)
         denoised = last.get("x0", out)

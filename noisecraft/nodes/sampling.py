@@ -1,6 +1,7 @@
 """Custom-sampling building blocks that need no loaded weights: sampler choice, sigma
-schedules, noise.  (SamplerCustomAdvanced, which runs them, needs a model and lives with the
-model nodes.)"""
+schedules and sigma-list edits, noise.  (SamplerCustomAdvanced, which runs them, needs a model
+and lives with the model nodes.)  Names, inputs and ranges are ComfyUI's
+(``comfy_extras/nodes_custom_sampler.py``)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from noisecraft.diffusion import add_noise
 from noisecraft.graph.schema import (
     COMBO,
     FLOAT,
     INT,
+    LATENT,
     MAX_SEED,
     MODEL,
     NOISE,
@@ -28,9 +31,13 @@ from noisecraft.samplers import sampler_names
 from noisecraft.schedules import (
     COMFY_SPACINGS,
     DiscreteSchedule,
+    beta_sigmas,
     exponential_sigmas,
     karras_sigmas,
+    polyexponential_sigmas,
+    sd_turbo_sigmas,
     spacing_sigmas,
+    vp_sigmas,
 )
 
 
@@ -199,5 +206,143 @@ class RandomNoise(Node):
         return (SeededNoise(noise_seed),)
 
 
+class PolyexponentialScheduler(Node):
+    schema = NodeSchema(
+        name="PolyexponentialScheduler", category="sampling/custom_sampling/schedulers",
+        inputs=[
+            Input("steps", INT, default=20, min=1, max=10000),
+            Input("sigma_max", FLOAT, default=14.614642, **_SIGMA_RANGE),
+            Input("sigma_min", FLOAT, default=0.0291675, **_SIGMA_RANGE),
+            Input("rho", FLOAT, default=1.0, min=0.0, max=100.0, step=0.01, round=False),
+        ],
+        outputs=[Output(SIGMAS)],
+    )
+
+    @classmethod
+    def execute(cls, steps, sigma_max, sigma_min, rho):
+        return (polyexponential_sigmas(steps, sigma_min, sigma_max, rho),)
+
+
+class VPScheduler(Node):
+    schema = NodeSchema(
+        name="VPScheduler", category="sampling/custom_sampling/schedulers",
+        inputs=[
+            Input("steps", INT, default=20, min=1, max=10000),
+            Input("beta_d", FLOAT, default=19.9, **_SIGMA_RANGE),
+            Input("beta_min", FLOAT, default=0.1, **_SIGMA_RANGE),
+            Input("eps_s", FLOAT, default=0.001, min=0.0, max=1.0, step=0.0001, round=False),
+        ],
+        outputs=[Output(SIGMAS)],
+    )
+
+    @classmethod
+    def execute(cls, steps, beta_d, beta_min, eps_s):
+        return (vp_sigmas(steps, beta_d, beta_min, eps_s),)
+
+
+class SDTurboScheduler(Node):
+    schema = NodeSchema(
+        name="SDTurboScheduler", category="sampling/custom_sampling/schedulers",
+        inputs=[
+            Input("model", MODEL),
+            Input("steps", INT, default=1, min=1, max=10),
+            Input("denoise", FLOAT, default=1.0, min=0, max=1.0, step=0.01),
+        ],
+        outputs=[Output(SIGMAS)],
+    )
+
+    @classmethod
+    def execute(cls, model, steps, denoise):
+        return (sd_turbo_sigmas(model_schedule(model), steps, denoise),)
+
+
+class BetaSamplingScheduler(Node):
+    schema = NodeSchema(
+        name="BetaSamplingScheduler", category="sampling/custom_sampling/schedulers",
+        inputs=[
+            Input("model", MODEL),
+            Input("steps", INT, default=20, min=1, max=10000),
+            Input("alpha", FLOAT, default=0.6, min=0.0, max=50.0, step=0.01, round=False),
+            Input("beta", FLOAT, default=0.6, min=0.0, max=50.0, step=0.01, round=False),
+        ],
+        outputs=[Output(SIGMAS)],
+    )
+
+    @classmethod
+    def execute(cls, model, steps, alpha, beta):
+        return (beta_sigmas(model_schedule(model), steps, alpha, beta),)
+
+
+class SplitSigmasDenoise(Node):
+    schema = NodeSchema(
+        name="SplitSigmasDenoise", category="sampling/custom_sampling/sigmas",
+        inputs=[Input("sigmas", SIGMAS),
+                Input("denoise", FLOAT, default=1.0, min=0.0, max=1.0, step=0.01)],
+        outputs=[Output(SIGMAS, "high_sigmas"), Output(SIGMAS, "low_sigmas")],
+    )
+
+    @classmethod
+    def execute(cls, sigmas, denoise):
+        """The last round(steps x denoise) steps become low_sigmas, the ones before
+        high_sigmas (they share the sigma where they meet; denoise 0 leaves high empty and low
+        the last sigma, as ComfyUI's slicing does)."""
+        total = round(max(len(sigmas) - 1, 0) * denoise)
+        return (sigmas[:-total], sigmas[-(total + 1):])
+
+
+class FlipSigmas(Node):
+    schema = NodeSchema(
+        name="FlipSigmas", category="sampling/custom_sampling/sigmas",
+        inputs=[Input("sigmas", SIGMAS)], outputs=[Output(SIGMAS)],
+    )
+
+    @classmethod
+    def execute(cls, sigmas):
+        """Reversed (ascending, e.g. to add noise back step by step); a leading 0 becomes
+        0.0001 so the first step has a noise level."""
+        if len(sigmas) == 0:
+            return (sigmas,)
+        out = sigmas.flip(0)
+        if out[0] == 0:
+            out[0] = 0.0001
+        return (out,)
+
+
+def latent_format_of(model: Any):
+    """The latent scaling of a MODEL value (its bundle's or its own family's)."""
+    family = getattr(getattr(model, "bundle", model), "family", None)
+    if family is None:
+        raise TypeError(f"cannot find a model family on the MODEL value {type(model).__name__}")
+    return family.latent
+
+
+class AddNoise(Node):
+    schema = NodeSchema(
+        name="AddNoise", category="_for_testing/custom_sampling/noise",
+        inputs=[Input("model", MODEL), Input("noise", NOISE), Input("sigmas", SIGMAS),
+                Input("latent_image", LATENT)],
+        outputs=[Output(LATENT)],
+    )
+
+    @classmethod
+    def execute(cls, model, noise, sigmas, latent_image):
+        """The latent with the NOISE added at the level the sigmas span, |sigmas[0] -
+        sigmas[-1]| (or sigmas[0] alone), in the model's latent space: x + sigma * noise.  An
+        all-zero latent is left unscaled, as ComfyUI does."""
+        if len(sigmas) == 0:
+            return (latent_image,)
+        fmt = latent_format_of(model)
+        x = latent_image["samples"].float()
+        drawn = noise.generate_noise(latent_image).float().reshape(x.shape)
+        scale = abs(float(sigmas[0]) - float(sigmas[-1])) if len(sigmas) > 1 else float(sigmas[0])
+        if torch.count_nonzero(x) > 0:
+            x = fmt.process_in(x)
+        noisy = torch.nan_to_num(fmt.process_out(add_noise(x, drawn, scale)),
+                                 nan=0.0, posinf=0.0, neginf=0.0)
+        return ({**latent_image, "samples": noisy},)
+
+
 SAMPLING_NODES = [KSamplerSelect, BasicScheduler, KarrasScheduler, ExponentialScheduler,
-                  SplitSigmas, DisableNoise, RandomNoise]
+                  PolyexponentialScheduler, VPScheduler, SDTurboScheduler,
+                  BetaSamplingScheduler, SplitSigmas, SplitSigmasDenoise, FlipSigmas,
+                  DisableNoise, RandomNoise, AddNoise]

@@ -218,9 +218,11 @@ def run_sampler(
     start_step: int = 0,
     stage: str = "sample",
     eta: float | None = None,
+    options: dict | None = None,
 ) -> torch.Tensor:
     """Sample from ``sigmas[start_step]`` to the end, reporting a :class:`ProgressEvent` after
-    each step and raising :class:`Interrupted` as soon as the cancel token is set."""
+    each step and raising :class:`Interrupted` as soon as the cancel token is set.
+    ``options`` go to the sampler as keywords (e.g. ``s_noise``, ``order``), ``eta`` too."""
     total = len(sigmas) - 1 - start_step
     run.check_cancel(0, total, stage)
 
@@ -230,7 +232,7 @@ def run_sampler(
                                        step.sigma_next, step.x, step.x0))
         run.check_cancel(step.i + 1, step.total, stage)
 
-    options = {} if eta is None else {"eta": eta}
+    options = {**(options or {}), **({} if eta is None else {"eta": eta})}
     sigmas = sigmas.to(x.device)
     noise = noise_source(run.generators, x, sampler, sigmas[start_step:])
     return sample(sampler, denoiser, x, sigmas, start_step=start_step, callback=on_step,
