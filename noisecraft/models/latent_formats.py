@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["LatentFormat", "SD15", "SDXL", "latent_to_rgb_preview", "latent_to_preview_image"]
+__all__ = ["LatentFormat", "SD15", "SDXL", "fit_rgb_factors", "latent_to_rgb_preview",
+           "latent_to_preview_image"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,25 @@ SDXL = LatentFormat(
     rgb_bias=(0.1084, -0.0175, -0.0011),
     taesd="taesdxl",
 )
+
+
+def fit_rgb_factors(latents: torch.Tensor, images: torch.Tensor
+                    ) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
+    """Least-squares ``(rgb_factors, rgb_bias)`` for a new VAE: the linear map from diffusion
+    latents [N, C, h, w] to ``images`` [N, 3, H, W] in [-1, 1] box-averaged to h x w (how
+    ComfyUI's published factors were obtained). Use it on a few hundred encoded images."""
+    if latents.ndim != 4 or images.ndim != 4 or images.shape[1] != 3 or \
+            latents.shape[0] != images.shape[0]:
+        raise ValueError(f"fit_rgb_factors: need latents [N, C, h, w] and images [N, 3, H, W] "
+                         f"with the same N, got {tuple(latents.shape)} and {tuple(images.shape)}")
+    h, w = latents.shape[-2:]
+    target = torch.nn.functional.adaptive_avg_pool2d(images.double(), (h, w))
+    x = latents.double().movedim(1, -1).reshape(-1, latents.shape[1])
+    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    y = target.movedim(1, -1).reshape(-1, 3)
+    solution = torch.linalg.lstsq(x, y).solution  # [C + 1, 3]
+    factors = tuple(tuple(float(v) for v in row) for row in solution[:-1])
+    return factors, tuple(float(v) for v in solution[-1])
 
 
 def latent_to_rgb_preview(latent: torch.Tensor, fmt: LatentFormat) -> torch.Tensor:

@@ -190,8 +190,35 @@ def shipped_metadata(src: Path) -> dict[str, str]:
     if META_FAMILY not in own or META_UNET not in own or META_TEXT not in own:
         raise ValueError(f"{src} lacks noisecraft.family / unet_config / text_config metadata: "
                          "not a model file written by noisecraft's trainer")
-    return {**raw, **noisecraft_metadata(own[META_FAMILY], unet=own[META_UNET],
+    family = own[META_FAMILY]
+    if not family.latent.rgb_factors and META_VAE in own:
+        family = replace(family, latent=_with_rgb_factors(src, own[META_VAE], family.latent))
+    return {**raw, **noisecraft_metadata(family, unet=own[META_UNET],
                                          vae=own.get(META_VAE), text=own[META_TEXT])}
+
+
+def _with_rgb_factors(src: Path, vae_config, fmt, n: int = 256):
+    """``fmt`` with latent->RGB preview factors fitted on ``n`` training images through the
+    model file's own VAE (live previews and ``--gif`` need them)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from noisecraft.models.latent_formats import fit_rgb_factors
+    from noisecraft.models.vae import AutoencoderKL
+    from noisecraft.training import state as ckpt
+    from noisecraft.training.shapes import ShapesDataset
+
+    vae = AutoencoderKL(vae_config).eval()
+    vae.load_state_dict({k: v.float() for k, v in
+                         ckpt.split_prefix(load_file(str(src)), ckpt.VAE_PREFIX).items()})
+    data = ShapesDataset(count=n, size=RESOLUTION, seed=DATA_SEED + 2)
+    images = torch.from_numpy(np.stack([np.asarray(data[i].image) for i in range(n)]))
+    images = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        latents = torch.cat([fmt.process_in(vae.encode(chunk).mean) for chunk in images.split(32)])
+    factors, bias = fit_rgb_factors(latents, images)
+    return replace(fmt, rgb_factors=factors, rgb_bias=bias)
 
 
 def export_default_model(root: str | Path = "runs/default", out: str | Path | None = None) -> Path:

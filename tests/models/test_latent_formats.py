@@ -56,3 +56,21 @@ def test_preview_image_and_errors():
         LatentFormat(channels=4, scaling_factor=1.0, rgb_factors=((1, 2, 3),))
     with pytest.raises(ValueError, match="scaling_factor must be > 0"):
         LatentFormat(channels=4, scaling_factor=0.0)
+
+
+def test_fit_rgb_factors_recovers_a_linear_decoder():
+    from noisecraft.models.latent_formats import fit_rgb_factors
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 4, 8, 8, generator=g)
+    true = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    bias = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
+    small = latents.double().movedim(1, -1) @ true + bias  # [N, 8, 8, 3]
+    images = small.movedim(-1, 1).repeat_interleave(4, -1).repeat_interleave(4, -2)  # 4x up
+    factors, got_bias = fit_rgb_factors(latents, images)
+    assert torch.allclose(torch.tensor(factors, dtype=torch.float64), true, atol=1e-6)
+    assert torch.allclose(torch.tensor(got_bias, dtype=torch.float64), bias, atol=1e-6)
+    fmt = LatentFormat(channels=4, scaling_factor=1.0, rgb_factors=factors, rgb_bias=got_bias)
+    assert latent_to_rgb_preview(latents[0], fmt).shape == (8, 8, 3)
+    with pytest.raises(ValueError, match="same N"):
+        fit_rgb_factors(latents, images[:2])
