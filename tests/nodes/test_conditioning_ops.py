@@ -126,10 +126,12 @@ def test_timestep_range_switches_prompts_where_the_sigmas_cross(context):
         "return_with_leftover_noise": "disable"}}
     split["8"]["inputs"]["samples"] = ["44", 0]
     expected = _run(split, context).values["44"][0]["samples"]
-    torch.testing.assert_close(switched, expected, rtol=1e-4, atol=1e-5)
+    # the two paths batch the model calls differently: float32 rounding differs (CI saw 3e-4)
+    torch.testing.assert_close(switched, expected, rtol=1e-3, atol=1e-3)
     # without the ranges both prompts act at every step: a different image
     p["43"]["inputs"] = {"conditioning_1": ["6", 0], "conditioning_2": ["40", 0]}
-    assert not torch.allclose(_run(p, context).values["3"][0]["samples"], expected, atol=1e-3)
+    unranged = _run(p, context).values["3"][0]["samples"]
+    assert (unranged - expected).abs().max() > 1e-2
 
 
 def test_api_workflow_chaining_conditioning_latent_and_image_nodes(context):
