@@ -5,7 +5,8 @@
     >>> image.info["seed"], image.info["parameters"]                               # doctest: +SKIP
 
 Each call without ``engine=`` builds a fresh :class:`~noisecraft.engine.Engine` and loads the
-model again; pass one ``Engine`` to keep models loaded across calls.
+model again; pass one ``Engine`` to keep models loaded (and the compute backend's packed or
+compiled modules made) across calls.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from noisecraft.request import (
     GeneratedImage,
     GenerationRequest,
     ImageInput,
+    InputError,
 )
 
 
@@ -85,6 +87,7 @@ def generate_image(
     loras_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    backend: str | None = None,
     callback: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     engine: Engine | None = None,
@@ -124,7 +127,10 @@ def generate_image(
             several times (here or in tags) gets the sum of its weights.
         loras_dir: the folder prompt tags ``<lora:NAME:W>`` are looked up in (NAME: the
             file's path in it without suffix, or its bare stem).
-        device, dtype: for a new engine (ignored when ``engine`` is given).
+        device, dtype, backend: for a new engine (``backend``: a name from
+            ``noisecraft.backends.backend_names()``, default "onednn" on CPU, see
+            :class:`~noisecraft.engine.Engine`); device and dtype are ignored when ``engine``
+            is given, and a ``backend`` other than the engine's is refused.
         callback: called with a ``ProgressEvent`` after every step.
         cancel: a ``CancelToken``; cancelling raises ``Interrupted`` (no partial result).
         engine: an ``Engine`` to reuse (keeps models loaded).
@@ -133,7 +139,11 @@ def generate_image(
         PIL image(s); ``image.info`` holds ``seed``, ``parameters`` (A1111 text) and
         ``noisecraft`` (JSON settings).
     """
-    engine = engine or Engine(device=device, dtype=dtype)
+    if engine is None:
+        engine = Engine(device=device, dtype=dtype, backend=backend)
+    elif backend is not None and backend != engine.backend.name:
+        raise InputError(f"backend={backend!r} applies to a new engine; the engine passed runs "
+                         f"{engine.backend.name!r} (choose it with Engine(backend=...))")
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, model=model, steps=steps,
         cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, seed=seed, sampler=sampler,

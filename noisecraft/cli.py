@@ -224,6 +224,7 @@ def generate(
         "--loras-dir", help="Folder of LoRA files that <lora:NAME:WEIGHT> tags name.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    backend: Annotated[str | None, typer.Option(help=BACKEND_HELP)] = None,
     gif: Annotated[Path | None, typer.Option(help="Write the denoising animation.")] = None,
     preview: Annotated[Path | None, typer.Option(help="Folder for live preview.png.")] = None,
     taesd: Annotated[Path | None, typer.Option(help="TAESD decoder for previews.")] = None,
@@ -263,7 +264,7 @@ def generate(
                 loras=tuple(_parse_lora(spec) for spec in lora or ()), loras_dir=loras_dir,
             )
         engine = (ctx.obj or {}).get("engine") or Engine(
-            device=device, dtype=getattr(torch, _DTYPES[dtype]))
+            device=device, dtype=getattr(torch, _DTYPES[dtype]), backend=backend)
         progress = _Progress(engine, engine.model(request.model), gif, preview, taesd)
         try:
             result = engine.generate(request, callback=progress)
@@ -277,6 +278,8 @@ def generate(
     progress.write_gif()
 
 
+BACKEND_HELP = ("Compute backend: onednn (default on CPU, float32-exact), eager, compiled, "
+                "openvino, or *_bf16 of these (see noisecraft.backends).")
 QUEUE_HELP = "Job queue: sqlite (queue.db in the data folder) or redis (workers anywhere)."
 REDIS_URL_HELP = "Redis of --queue redis: redis://[:PASSWORD@]HOST:PORT/DB."
 
@@ -298,6 +301,7 @@ def serve(
     ] = None,
     workers: Annotated[int, typer.Option(help="Worker processes to start (0: none).")] = 1,
     device: Annotated[str | None, typer.Option(help="Workers' device (cpu, cuda).")] = None,
+    backend: Annotated[str | None, typer.Option(help=BACKEND_HELP)] = None,
     lease_seconds: Annotated[float, typer.Option(help="Job lease; renewed while running.")] = (
         30.0
     ),
@@ -315,7 +319,7 @@ def serve(
         config = ServerConfig(
             host=host, port=port, data_dir=data_dir, auth=Auth.parse(api_auth, api_key),
             insecure=insecure, cors_allow=tuple(cors_allow or ()), workers=workers,
-            device=device, web_dir=web_dir,
+            device=device, web_dir=web_dir, compute_backend=backend,
             queue=QueueConfig(lease_seconds=lease_seconds, backend=queue, redis_url=redis_url),
         ).check()
     except ConfigError as e:
@@ -336,6 +340,7 @@ def worker(
     ),
     poll_seconds: Annotated[float, typer.Option(help="Idle wait between queue polls.")] = 0.2,
     max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.")] = None,
+    backend: Annotated[str | None, typer.Option(help=BACKEND_HELP)] = None,
     queue: Annotated[str, typer.Option(help=QUEUE_HELP)] = "sqlite",
     redis_url: Annotated[str | None, typer.Option(help=REDIS_URL_HELP,
                                                   envvar="NOISECRAFT_REDIS_URL")] = None,
@@ -347,11 +352,11 @@ def worker(
 
     try:
         queue_config = QueueConfig(lease_seconds=lease_seconds, poll_seconds=poll_seconds,
-                                   backend=queue, redis_url=redis_url).check()
+                                   backend=queue, redis_url=redis_url)
+        config = WorkerConfig(data_dir=data_dir, device=device, max_jobs=max_jobs,
+                              queue=queue_config, compute_backend=backend).check()
     except ConfigError as e:
         raise typer.BadParameter(str(e)) from None
-    config = WorkerConfig(data_dir=data_dir, device=device, max_jobs=max_jobs,
-                          queue=queue_config)
     run_worker_process(config)
 
 
@@ -424,6 +429,7 @@ def run(
     input_dir: Annotated[Path | None, typer.Option(
         "--input", help="Folder LoadImage reads from (default: the workflow's folder).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    backend: Annotated[str | None, typer.Option(help=BACKEND_HELP)] = None,
 ) -> None:
     """Run a ComfyUI workflow through noisecraft's nodes; images go to the output folder."""
     from tqdm import tqdm
@@ -450,7 +456,8 @@ def run(
         folders = ModelFolders.load(models, model_paths)
         context = ExecutionContext(
             input_dir=input_dir or workflow.parent, output_dir=output,
-            resources={"engine": (ctx.obj or {}).get("engine") or Engine(device=device),
+            resources={"engine": (ctx.obj or {}).get("engine")
+                       or Engine(device=device, backend=backend),
                        "models": folders})
         output.mkdir(parents=True, exist_ok=True)
         outputs = run_graph(workflow, registry=register_builtin_nodes(NodeRegistry()),

@@ -11,6 +11,18 @@ LoRAs (the request's ``loras`` and the ``<lora:NAME:W>`` tags of its prompts, re
 (:func:`noisecraft.checkpoints.lora.lora_bundle`): the cached base model is never changed, and
 the LoRA'd copy is cached too, keyed by the base model and the LoRA files and weights.
 
+Compute backend (``Engine(backend=...)``, :mod:`noisecraft.backends`): requests run the U-Net,
+the VAE, the ControlNets and the TAESD preview decoder wrapped by the backend, each wrapped
+once per loaded model (:mod:`noisecraft.backends.wrapped`; a LoRA'd copy is wrapped on its own,
+after the merge); samplers, guidance, callbacks and cancellation never know.  ControlNets: a
+:class:`~noisecraft.models.controlnet.ControlledModel` runs the wrapped ControlNets and calls
+the wrapped U-Net with their residuals as keyword arguments.  The text encoder runs as it is
+(called once per prompt through ``encode_prompts``, not a ``forward`` a backend could take).
+Default: ``"onednn"`` on a CPU with float32 weights, else ``"eager"``.  It is float32-exact
+(tests/test_engine_backend.py: generations within relative L2 1e-4 of eager, 1/255 in pixels)
+and costs a packed copy of the Linear/Conv2d weights, counted against ``max_cache_bytes``;
+``backend="eager"`` runs the modules as they are.
+
 Interruption: cancelling the :class:`~noisecraft.request.CancelToken` makes ``generate`` raise
 :class:`~noisecraft.request.Interrupted` before the next step starts (it is checked before
 sampling and after every sampler step); no partial images are returned, and the engine and its
@@ -24,13 +36,15 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from noisecraft.backends import Backend
+from noisecraft.backends.wrapped import WrappedModules, engine_backend
 from noisecraft.images import tensor_to_images
 from noisecraft.loras import ResolvedLora, hash_label, lora_short_hash, resolve_loras
 from noisecraft.models.family import ModelBundle
@@ -117,6 +131,14 @@ class _Entry:
     pinned: bool
 
 
+def _entry_ids(entry: _Entry) -> set[int]:
+    """ids of the modules a cache entry holds that the backend wraps."""
+    held = entry.bundle
+    if isinstance(held, ModelBundle):
+        return {id(held.unet), id(held.vae)}
+    return {id(held)}  # a ControlNet
+
+
 Loader = Callable[[Path, torch.device, "torch.dtype | None"], ModelBundle]
 
 
@@ -132,6 +154,10 @@ class Engine:
             ``noisecraft.checkpoints.loader.load_model``.
         default_model: the file ``model=None`` loads; default :data:`DEFAULT_MODEL_PATH`
             (the shipped built-in model).
+        backend: the compute backend (a name from ``noisecraft.backends.backend_names()`` or a
+            ``Backend`` from ``get_backend``); default "onednn" on a CPU with float32 weights,
+            else "eager" (see the module docstring).  Non-eager backends need the CPU and
+            float32 weights.
     """
 
     def __init__(
@@ -142,11 +168,14 @@ class Engine:
         max_cache_bytes: int | None = None,
         loader: Loader | None = None,
         default_model: str | os.PathLike | None = None,
+        backend: str | Backend | None = None,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
+        self.backend = engine_backend(backend, self.device, self.dtype)
+        self._wrapped = WrappedModules(self.backend)
         self.max_cache_bytes = max_cache_bytes or _default_cache_bytes()
         self._loader = loader or _default_loader
         self.default_model = Path(default_model) if default_model is not None \
@@ -165,8 +194,10 @@ class Engine:
         key = ("registered", name, bundle.sha256)
         with self._lock:
             self._drop_loras_of(key)  # a LoRA'd copy of an earlier bundle of this name
+            self._forget_new(self._cache.get(self._names.get(name)), bundle.unet, bundle.vae)
             self._cache[key] = _Entry(bundle, bundle_bytes(bundle), pinned=True)
             self._names[name] = key
+            self._wrapped.release(self._live_ids())
         return bundle
 
     def _place(self, bundle: ModelBundle) -> ModelBundle:
@@ -222,7 +253,7 @@ class Engine:
                 except CheckpointError as e:
                     raise InputError(str(e)) from None
                 nbytes = _own_bytes(bundle, base)
-                self._evict(nbytes, keep=base_key)
+                self._evict(nbytes, keep={base_key})
                 self._cache[key] = _Entry(bundle, nbytes, pinned=False)
             self._cache.move_to_end(key)
             return self._cache[key].bundle
@@ -257,14 +288,20 @@ class Engine:
             )
         return path
 
-    def _evict(self, incoming: int, keep: tuple | None = None) -> None:
-        used = sum(e.nbytes for e in self._cache.values())
-        for key in [k for k, e in self._cache.items() if not e.pinned and k != keep]:
-            if used + incoming <= self.max_cache_bytes:
+    def _evict(self, incoming: int, keep: set[tuple] = frozenset(),
+               keep_ids: set[int] = frozenset()) -> None:
+        """Make room for ``incoming`` bytes: wrapped forms of modules no cached model holds
+        first (but those in ``keep_ids``), then models least recently used (but ``keep``)."""
+        while self.cache_bytes + incoming > self.max_cache_bytes \
+                and self._wrapped.drop_oldest_unbound(keep_ids):
+            pass
+        for key in [k for k, e in self._cache.items() if not e.pinned and k not in keep]:
+            if self.cache_bytes + incoming <= self.max_cache_bytes:
                 break
             if key in self._cache:
-                used -= self._cache.pop(key).nbytes
-                used -= self._drop_loras_of(key)
+                del self._cache[key]
+                self._drop_loras_of(key)
+                self._wrapped.release(self._live_ids())
 
     def _drop_loras_of(self, base_key: tuple) -> int:
         """Forget the LoRA'd copies of the model ``base_key`` (they share its weights)."""
@@ -295,8 +332,10 @@ class Engine:
         """Make an in-memory ControlNet available as ``ControlNetUnit(model=name)`` (pinned)."""
         controlnet = controlnet.to(device=self.device, dtype=self.dtype).eval()
         with self._lock:
+            self._forget_new(self._cache.get(("controlnet", name)), controlnet)
             self._cache[("controlnet", name)] = _Entry(controlnet, _module_bytes(controlnet),
                                                        pinned=True)
+            self._wrapped.release(self._live_ids())
         return name
 
     def controlnet(self, ref: str | os.PathLike) -> torch.nn.Module:
@@ -328,13 +367,62 @@ class Engine:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(e.nbytes for e in self._cache.values())
+        """Memory of the cached models plus what the backend made of them (packed weights)."""
+        return sum(e.nbytes for e in self._cache.values()) + self._wrapped.nbytes
 
     def clear(self) -> None:
-        """Drop every unpinned model."""
+        """Drop every unpinned model (and the backend's wrapped forms of them)."""
         with self._lock:
             for key in [k for k, e in self._cache.items() if not e.pinned]:
                 del self._cache[key]
+            self._wrapped.release(self._live_ids())
+
+    # ---- the compute backend ------------------------------------------------------------
+
+    def runnable(self, bundle: ModelBundle) -> ModelBundle:
+        """``bundle`` as it runs on this engine's backend: a copy whose U-Net and VAE are
+        wrapped (each once, then reused while the model stays cached), the text encoder as it
+        is; ``bundle`` itself with the plain "eager" backend."""
+        if self._wrapped.passthrough:
+            return bundle
+        with self._lock:
+            live = self._live_ids()
+            unet = self._wrapped.module(bundle.unet, bound=id(bundle.unet) in live)
+            vae = self._wrapped.vae(bundle.vae, bound=id(bundle.vae) in live)
+            self._evict(0, keep=self._keys_holding((bundle.unet, bundle.vae)),
+                        keep_ids={id(bundle.unet), id(bundle.vae)})
+        return replace(bundle, unet=unet, vae=vae)
+
+    def runnable_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` (a ControlNet, or any module called through ``forward``) behind this
+        engine's backend, wrapped once."""
+        with self._lock:
+            return self._wrapped.module(module, bound=id(module) in self._live_ids())
+
+    def runnable_vae(self, vae: torch.nn.Module) -> torch.nn.Module:
+        """``vae`` with ``decode`` / ``encode`` behind this engine's backend, wrapped once."""
+        with self._lock:
+            return self._wrapped.vae(vae, bound=id(vae) in self._live_ids())
+
+    @property
+    def wrapped_modules(self) -> WrappedModules:
+        return self._wrapped
+
+    def _forget_new(self, old: _Entry | None, *modules: torch.nn.Module) -> None:
+        """Forget wrapped forms of ``modules`` being registered (``_place`` may have changed
+        their weights), except those already registered under the name (``old``), which
+        ``_place`` left as they were: registering the same module again keeps its wrap."""
+        held = _entry_ids(old) if old is not None else set()
+        self._wrapped.forget([m for m in modules if id(m) not in held])
+
+    def _live_ids(self) -> set[int]:
+        """ids of the modules the model cache holds (the wrapped forms bound to them)."""
+        return {i for e in self._cache.values() for i in _entry_ids(e)}
+
+    def _keys_holding(self, modules) -> set[tuple]:
+        ids = {id(m) for m in modules}
+        keys = {k for k, e in self._cache.items() if ids & _entry_ids(e)}
+        return keys | {k[1] for k in keys if k[0] == "lora"}
 
     # ---- generation ---------------------------------------------------------------------
 
@@ -361,9 +449,10 @@ class Engine:
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_RANGE)
         request = request.with_seed(int(seed))
         bundle = self.model_with_loras(request.model, plan.active)
-        bundle = with_controls(bundle, control_specs(request.controlnets, self.controlnet))
+        runnable = with_controls(self.runnable(bundle), control_specs(
+            request.controlnets, lambda ref: self.runnable_module(self.controlnet(ref))))
         seeds = [request.seed + i for i in range(request.batch_size)]
-        run = Run(bundle, self.device, generators_for(seeds), callback, cancel)
+        run = Run(runnable, self.device, generators_for(seeds), callback, cancel)
         with torch.inference_mode():
             out = run_request(run, plan.applied_to(request))
         hashes = {hash_label(lo.name): self.lora_hash(lo.path) for lo in plan.loras}
@@ -385,7 +474,10 @@ class Engine:
             if key not in self._preview_decoders:
                 if not Path(path).is_file():
                     raise InputError(f"preview decoder {path} does not exist")
-                self._preview_decoders[key] = TAESD.from_files(decoder=path, device=self.device)
+                taesd = TAESD.from_files(decoder=path, device=self.device)
+                if not self._wrapped.passthrough:  # this engine's own copy: wrapped in place
+                    taesd.decoder = self.backend.wrap(taesd.decoder)
+                self._preview_decoders[key] = taesd
             return self._preview_decoders[key]
 
     @torch.inference_mode()

@@ -168,7 +168,7 @@ def test_cfg_pp_sampler_differs_from_plain_and_matches_a_hand_built_run(loud_eng
     # latents are ~16 in size: float32 rounding is ~1e-5; the samplers differ by far more
     assert (cfg_pp - latents(sampler.removesuffix("_cfg_pp"))).abs().max() > 1e-2
 
-    bundle = loud_engine.model("loud")
+    bundle = loud_engine.runnable(loud_engine.model("loud"))  # as the engine runs it
     with torch.inference_mode():
         cond = encode_conditioning(bundle, PROMPT, NEGATIVE, width=64, height=64)
         sigmas = model_sigmas(bundle, "normal", 3)

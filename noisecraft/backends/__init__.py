@@ -21,6 +21,10 @@ Backends (``backend_names()``):
 elsewhere they warn and run fp32.  ``DEFAULT_BACKEND`` is the fastest fp32-exact one (output
 within relative L2 1e-4 of eager fp32, asserted in tests/backends).
 
+The generation engine runs them: ``Engine(backend=...)`` (and ``--backend`` on the command
+line) wraps each loaded model's U-Net, VAE and ControlNets once and reuses them
+(:mod:`noisecraft.backends.wrapped`).
+
 PyTorch knobs for the torch backends: ``channels_last``, ``mkldnn``, ``sdpa`` (see
 :class:`~noisecraft.backends.base.TorchKnobs`).
 """

@@ -98,10 +98,13 @@ def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 def cast_floats(args: tuple, kwargs: dict, dtype: torch.dtype,
                 memory_format: torch.memory_format | None = None) -> tuple[tuple, dict]:
-    """Floating-point tensors among the arguments cast to ``dtype`` (4-D ones also to
-    ``memory_format``); integer tensors and other values pass through."""
+    """Floating-point tensors among the arguments, and in lists / tuples among them (e.g. a
+    ControlNet's ``down_residuals``), cast to ``dtype`` (4-D ones also to ``memory_format``);
+    integer tensors and other values pass through."""
 
     def cast(v):
+        if isinstance(v, list | tuple):
+            return type(v)(cast(x) for x in v)
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             v = v.to(dtype)
             if memory_format is not None and v.ndim == 4:

@@ -2,7 +2,8 @@
 (OLD)"), ControlNetApplyAdvanced ("Apply ControlNet") and the Canny preprocessor.
 
 A CONTROL_NET value is a loaded :class:`~noisecraft.models.controlnet.ControlNet` (from the
-engine's cache, so a file loads once per engine).  Applying one stores a
+engine's cache, so a file loads once per engine), behind the engine's compute backend
+(``Engine.runnable_module``, as ``generate_image`` runs it).  Applying one stores a
 :class:`~noisecraft.models.controlnet.ControlSpec` in the CONDITIONING entries' ``control``
 option, after the ones already there (ComfyUI's chained ControlNets, whose residuals add up);
 the guider hands them to the engine's ``guided_denoiser`` (:func:`controls_of`), which runs them
@@ -92,7 +93,8 @@ class ControlNetLoader(Node):
     @classmethod
     def execute(cls, control_net_name, context: NodeContext):
         path = model_folders_of(context).resolve("controlnet", control_net_name)
-        return (engine_of(context).controlnet(path),)
+        engine = engine_of(context)
+        return (engine.runnable_module(engine.controlnet(path)),)
 
 
 class ControlNetApply(Node):

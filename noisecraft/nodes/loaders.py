@@ -2,7 +2,10 @@
 
 Names come from :func:`noisecraft.models_folder.model_folders_of` (the run's
 ``resources["models"]``, or the server's folders); the checkpoints themselves come from the
-engine's model cache (``resources["engine"]``), so a checkpoint loads once per engine.
+engine's model cache (``resources["engine"]``), so a checkpoint loads once per engine.  VAE
+values hold the engine's backend-wrapped VAE (``Engine.runnable_vae``), so VAE nodes decode as
+``generate_image`` does; MODEL values hold the plain model (LoRA nodes copy it), wrapped when
+it samples.
 """
 
 from __future__ import annotations
@@ -63,9 +66,10 @@ class CheckpointLoaderSimple(Node):
     @classmethod
     def execute(cls, ckpt_name, context: NodeContext):
         path = model_folders_of(context).resolve("checkpoints", ckpt_name)
-        bundle = engine_of(context).model(path)
+        engine = engine_of(context)
+        bundle = engine.model(path)
         return (ModelValue(bundle), ClipValue(bundle),
-                VaeValue.of(bundle.vae, bundle.name, bundle.sha256))
+                VaeValue.of(engine.runnable_vae(bundle.vae), bundle.name, bundle.sha256))
 
 
 class VAELoader(Node):
@@ -86,7 +90,8 @@ class VAELoader(Node):
         engine = engine_of(context)
         path = model_folders_of(context).resolve("vae", vae_name)
         vae = load_vae(path, device=engine.device, dtype=engine.dtype).eval()
-        return (VaeValue.of(vae.requires_grad_(False), Path(vae_name).stem),)
+        return (VaeValue.of(engine.runnable_vae(vae.requires_grad_(False)),
+                            Path(vae_name).stem),)
 
 
 _STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}

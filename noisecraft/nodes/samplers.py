@@ -18,6 +18,7 @@ Denoise (ComfyUI's): ``steps`` steps over the last ``steps + 1`` sigmas of an
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -76,7 +77,8 @@ def sample_latent(
     if len(sigmas) < 2:
         return latent, latent
     engine = engine_of(context)
-    bundle = guider.model.bundle
+    bundle = engine.runnable(guider.model.bundle)  # the U-Net behind the engine's backend
+    guider = replace(guider, model=replace(guider.model, bundle=bundle))
     fmt = bundle.family.latent
     x0 = fmt.process_in(latent["samples"].float()).to(engine.device)
     indices = latent.get("batch_index") or range(x0.shape[0])

@@ -172,6 +172,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     queue: QueueConfig = field(default_factory=QueueConfig)
     web_dir: Path | None = None  # the web UI's static files, mounted at / when given
+    compute_backend: str | None = None  # workers' Engine(backend=...); None: its default
 
     @property
     def folders(self) -> Folders:
@@ -184,6 +185,7 @@ class ServerConfig:
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         self.queue.check()
+        check_compute_backend(self.compute_backend, self.device)
         if not is_local(self.host) and not self.auth.enabled and not self.insecure:
             raise ConfigError(
                 f"refusing to listen on {self.host!r} without authentication: anyone who can "
@@ -197,6 +199,23 @@ class ServerConfig:
                     f"--cors-allow takes origins like https://example.com, got {origin!r}"
                 )
         return self
+
+
+def check_compute_backend(name: str | None, device: str | None) -> None:
+    """Refuse a ``--backend`` the workers' engine could not run (an unknown name, or a CPU
+    backend on another device) before any worker starts."""
+    if name is None:
+        return
+    import torch
+
+    from noisecraft.backends.wrapped import engine_backend
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        engine_backend(name, torch.device(device), torch.float32)
+    except ValueError as e:
+        raise ConfigError(f"--backend: {e}") from None
 
 
 def is_local(host: str) -> bool:
@@ -216,7 +235,13 @@ class WorkerConfig:
     queue: QueueConfig = field(default_factory=QueueConfig)
     max_jobs: int | None = None  # exit after this many jobs (None: run until stopped)
     preview_every: int = 1  # publish a preview image every N sampler steps (0: never)
+    compute_backend: str | None = None  # Engine(backend=...); None: the engine's default
 
     @property
     def folders(self) -> Folders:
         return Folders(Path(self.data_dir))
+
+    def check(self) -> WorkerConfig:
+        self.queue.check()
+        check_compute_backend(self.compute_backend, self.device)
+        return self

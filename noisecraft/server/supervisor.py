@@ -29,6 +29,8 @@ def worker_command(config: ServerConfig) -> list[str]:
            "--poll-seconds", str(config.queue.poll_seconds)]
     if config.device:
         cmd += ["--device", config.device]
+    if config.compute_backend:
+        cmd += ["--backend", config.compute_backend]
     if config.queue.backend != "sqlite":
         cmd += ["--queue", config.queue.backend]
     return cmd

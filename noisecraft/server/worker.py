@@ -105,14 +105,14 @@ class _Heartbeat:
 class Worker:
     """Runs jobs from the queue ``config.queue`` names (``config.data_dir``'s SQLite file by
     default).  ``engine`` and ``registry`` default to a new :class:`~noisecraft.engine.Engine`
-    on ``config.device`` and the built-in nodes."""
+    on ``config.device`` with ``config.compute_backend`` and the built-in nodes."""
 
     def __init__(self, config: WorkerConfig, *, engine=None, registry: NodeRegistry | None = None,
                  queue: JobQueue | None = None) -> None:
         if engine is None:
             from noisecraft.engine import Engine
 
-            engine = Engine(device=config.device)
+            engine = Engine(device=config.device, backend=config.compute_backend)
         self.config = config
         self.folders = config.folders.create()
         self.engine = engine
