@@ -64,6 +64,7 @@ def generate_image(
     seed: int | None = None,
     sampler: str = "euler",
     scheduler: str = "normal",
+    steps_offset: int | None = None,
     width: int | None = None,
     height: int | None = None,
     batch_size: int = 1,
@@ -102,7 +103,12 @@ def generate_image(
         model: checkpoint path or a name registered on ``engine``; None = the built-in default
             model at its native size (raises ``DefaultModelMissing`` until its weights exist).
         steps, cfg_scale, sampler, scheduler: sampler (``noisecraft samplers`` lists them) and
-            spacing names are ComfyUI's.
+            spacing names are ComfyUI's, plus diffusers' timestep spacings ``leading``,
+            ``trailing`` and ``linspace``.
+        steps_offset: diffusers' ``steps_offset`` of the ``leading`` spacing (refused with
+            other spacings); None = the model family's (1 for SD 1.x/2.x/SDXL, as their
+            diffusers configs).  ``scheduler="leading"`` with the default is SD 1.5's own
+            diffusers schedule (PNDM/DDIM config: leading spacing, steps_offset 1).
         seed: image i uses ``seed + i``; None picks a random seed (``image.info["seed"]``).
         width, height: multiples of 8 (others are refused, naming the nearest valid sizes);
             default the model's native size, or the init image's size.
@@ -147,7 +153,8 @@ def generate_image(
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, model=model, steps=steps,
         cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, seed=seed, sampler=sampler,
-        scheduler=scheduler, width=width, height=height, batch_size=batch_size,
+        scheduler=scheduler, steps_offset=steps_offset, width=width, height=height,
+        batch_size=batch_size,
         clip_skip=clip_skip, init_image=init_image, strength=strength, mask=mask,
         mask_blur=mask_blur, mask_grow=mask_grow, outpaint=tuple(outpaint),
         outpaint_fill=outpaint_fill, hires_scale=hires_scale, hires_upscale=hires_upscale,

@@ -179,6 +179,12 @@ class _Progress:
                                 duration=120, loop=0)
 
 
+def _engine_names(ctx: typer.Context) -> tuple[str, ...]:
+    """Model/ControlNet names on an engine handed in via ``ctx.obj`` (a new one has none)."""
+    engine = (ctx.obj or {}).get("engine")
+    return (*engine.cached_models, *engine.cached_controlnets) if engine is not None else ()
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
@@ -197,6 +203,9 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed (random if omitted).")] = None,
     sampler: Annotated[str, typer.Option(help="Sampler name (noisecraft samplers).")] = "euler",
     scheduler: Annotated[str, typer.Option(help="Spacing / scheduler name.")] = "normal",
+    steps_offset: Annotated[int | None, typer.Option(
+        help="diffusers' steps_offset of --scheduler leading (default: the model's, 1 for SD).")
+    ] = None,
     width: Annotated[int | None, typer.Option("--width", "-W", help="Multiple of 8.")] = None,
     height: Annotated[int | None, typer.Option("--height", "-H", help="Multiple of 8.")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Images (seeds seed..seed+n-1).")] = 1,
@@ -229,7 +238,8 @@ def generate(
     preview: Annotated[Path | None, typer.Option(help="Folder for live preview.png.")] = None,
     taesd: Annotated[Path | None, typer.Option(help="TAESD decoder for previews.")] = None,
     from_image: Annotated[Path | None, typer.Option(
-        "--from", help="Re-create an image from its metadata (other flags but -o, -m ignored).")
+        "--from", help="Re-create an image from its metadata (other flags but -o, -m ignored; "
+                       "relative paths in it: from the current folder, else the image's).")
     ] = None,
 ) -> None:
     """Generate images: txt2img, img2img (--init), inpaint (--mask), outpaint, hires fix."""
@@ -238,6 +248,7 @@ def generate(
     from noisecraft.engine import Engine
     from noisecraft.metadata import read_settings, save_png
     from noisecraft.request import GenerationRequest, InputError
+    from noisecraft.settings_paths import resolve_settings_paths
 
     try:
         if output.suffix.lower() != ".png":
@@ -245,15 +256,17 @@ def generate(
         if dtype not in _DTYPES:
             raise InputError(f"unknown dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
         if from_image is not None:
-            settings = read_settings(from_image)
             overrides = {"model": model} if model is not None else {}
+            settings = resolve_settings_paths(read_settings(from_image), from_image,
+                                              names=_engine_names(ctx), skip=overrides)
             request = GenerationRequest.from_settings(settings, **overrides)
         elif prompt is None:
             raise InputError("give a PROMPT, or --from IMAGE.png")
         else:
             request = GenerationRequest(
                 prompt=prompt, negative_prompt=negative, model=model, steps=steps,
-                cfg_scale=cfg, seed=seed, sampler=sampler, scheduler=scheduler, width=width,
+                cfg_scale=cfg, seed=seed, sampler=sampler, scheduler=scheduler,
+                steps_offset=steps_offset, width=width,
                 height=height, batch_size=batch, clip_skip=clip_skip, init_image=init,
                 strength=strength, mask=mask, mask_blur=mask_blur, mask_grow=mask_grow,
                 outpaint=_parse_outpaint(outpaint), hires_scale=hires_scale,

@@ -55,6 +55,7 @@ from noisecraft.pipelines.common import (
     check_sampler,
     generators_for,
     vae_factor,
+    with_family_defaults,
 )
 from noisecraft.pipelines.control import control_specs, with_controls
 from noisecraft.pipelines.generate import run_request
@@ -449,6 +450,7 @@ class Engine:
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_RANGE)
         request = request.with_seed(int(seed))
         bundle = self.model_with_loras(request.model, plan.active)
+        request = with_family_defaults(request, bundle.family)
         runnable = with_controls(self.runnable(bundle), control_specs(
             request.controlnets, lambda ref: self.runnable_module(self.controlnet(ref))))
         seeds = [request.seed + i for i in range(request.batch_size)]

@@ -208,6 +208,7 @@ class GenerationRequest:
     seed: int | None = None
     sampler: str = "euler"
     scheduler: str = "normal"
+    steps_offset: int | None = None
     width: int | None = None
     height: int | None = None
     batch_size: int = 1
@@ -251,6 +252,17 @@ class GenerationRequest:
             raise InputError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise InputError(f"guidance_rescale must lie in [0, 1], got {self.guidance_rescale}")
+        if self.steps_offset is not None:
+            if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) \
+                    or self.steps_offset < 0:
+                raise InputError(f"steps_offset must be a whole number >= 0, got "
+                                 f"{self.steps_offset!r}")
+            if self.scheduler != "leading":
+                raise InputError(
+                    f"steps_offset applies to scheduler='leading' only (diffusers' "
+                    f"timestep_spacing='leading'), got scheduler={self.scheduler!r}; drop "
+                    f"steps_offset or use scheduler='leading'"
+                )
         if self.seed is not None and not 0 <= int(self.seed) < 2**63:
             raise InputError(f"seed must lie in [0, 2**63), got {self.seed}")
         for name in ("width", "height"):

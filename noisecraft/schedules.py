@@ -255,13 +255,25 @@ def beta_sigmas(schedule: DiscreteSchedule, n: int, alpha: float = 0.6, beta: fl
 def diffusers_timesteps(
     spacing: str, n: int, num_train_timesteps: int = 1000, steps_offset: int = 0
 ) -> torch.Tensor:
-    """Discrete timesteps (descending) of diffusers' ``timestep_spacing`` options."""
+    """Discrete timesteps (descending) of diffusers' ``timestep_spacing`` options.
+
+    ``steps_offset`` shifts the ``leading`` timesteps up, as diffusers' scheduler option of that
+    name does (SD 1.x/2.x/SDXL's configs use 1: 20 steps visit 951, 901, ..., 1 rather than
+    950, ..., 0); diffusers ignores it for the other spacings, and so does this.
+    """
     T = num_train_timesteps
     if spacing == "linspace":
         return torch.linspace(0, T - 1, n, dtype=F64).flip(0)
     if spacing == "leading":
         ratio = T // n
-        return (torch.arange(n, dtype=F64) * ratio).round().flip(0) + steps_offset
+        ts = (torch.arange(n, dtype=F64) * ratio).round().flip(0) + steps_offset
+        if ts[0] > T - 1:
+            raise ValueError(
+                f"leading spacing with {n} steps and steps_offset={steps_offset} starts at "
+                f"timestep {int(ts[0])}, past the schedule's last timestep {T - 1}; use fewer "
+                f"steps or a smaller steps_offset"
+            )
+        return ts
     if spacing == "trailing":
         ratio = T / n
         return (torch.arange(T, 0, -ratio, dtype=F64)).round() - 1

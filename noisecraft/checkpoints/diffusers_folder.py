@@ -190,6 +190,9 @@ def _family(path: Path, unet: UNetConfig, text_cfgs: dict[str, dict], sched: dic
         fam = fam.with_overrides(prediction=prediction)
     if sched.get("rescale_betas_zero_snr"):
         fam = fam.with_overrides(zero_terminal_snr=True)
+    offset = sched.get("steps_offset")
+    if isinstance(offset, int) and not isinstance(offset, bool) and offset != fam.steps_offset:
+        fam = fam.with_overrides(steps_offset=offset)
     return fam
 
 

@@ -25,6 +25,10 @@ class Family:
     ``text`` names the text-encoder arrangement: ``sd1`` (CLIP ViT-L), ``sd2`` (OpenCLIP ViT-H),
     ``sdxl`` (CLIP-L + OpenCLIP bigG, pooled + size conditioning), ``sdxl_refiner`` (bigG only,
     aesthetic score), ``clip`` (one CLIP-architecture encoder of any size, e.g. noisecraft's own).
+
+    ``steps_offset`` is the ``steps_offset`` of the line's diffusers scheduler config (1 for
+    SD 1.x, 2.x and SDXL; a diffusers folder's own ``scheduler_config.json`` overrides it): the
+    offset of the ``leading`` spacing when a request does not set one.
     """
 
     name: str
@@ -38,6 +42,7 @@ class Family:
     num_train_timesteps: int = 1000
     zero_terminal_snr: bool = False
     default_clip_skip: int = 1
+    steps_offset: int = 1
 
     def schedule(self) -> DiscreteSchedule:
         return DiscreteSchedule.from_betas(

@@ -17,7 +17,7 @@ dtype (cast at the call) and its output is cast back.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,15 @@ from noisecraft.conditioning import Conditioning
 from noisecraft.diffusion import BoundDenoiser, Denoiser, append_dims
 from noisecraft.guidance import cfg_denoiser
 from noisecraft.models.controlnet import ControlSpec
-from noisecraft.models.family import ModelBundle
+from noisecraft.models.family import Family, ModelBundle
 from noisecraft.pipelines.control import CONTROL_SIDE, controlled_unet, sided_unet
-from noisecraft.request import CancelToken, InputError, Interrupted, ProgressEvent
+from noisecraft.request import (
+    CancelToken,
+    GenerationRequest,
+    InputError,
+    Interrupted,
+    ProgressEvent,
+)
 from noisecraft.samplers import Step, get_sampler, sample
 from noisecraft.samplers.cfg_pp import cfg_pp_denoiser
 from noisecraft.samplers.noise import default_noise
@@ -92,10 +98,30 @@ def vae_factor(bundle: ModelBundle) -> int:
     return getattr(config, "downscale_factor", 8)
 
 
-def model_sigmas(bundle: ModelBundle, scheduler: str, steps: int) -> torch.Tensor:
-    """The descending sigmas [steps + 1] of ``scheduler`` (spacing) on the model's schedule."""
+def leading_offset(family: Family, scheduler: str, steps_offset: int | None) -> int | None:
+    """The ``steps_offset`` a run of ``scheduler`` uses: for ``leading``, ``steps_offset`` or
+    else the family's (diffusers' SD configs: 1); None for every other spacing (no offset)."""
+    if scheduler != "leading":
+        return None
+    return family.steps_offset if steps_offset is None else steps_offset
+
+
+def with_family_defaults(request: GenerationRequest, family: Family) -> GenerationRequest:
+    """``request`` with what it leaves to the model family filled in, so that an image's
+    settings record it: the ``leading`` spacing's ``steps_offset``."""
+    offset = leading_offset(family, request.scheduler, request.steps_offset)
+    return replace(request, steps_offset=offset)
+
+
+def model_sigmas(
+    bundle: ModelBundle, scheduler: str, steps: int, steps_offset: int | None = None
+) -> torch.Tensor:
+    """The descending sigmas [steps + 1] of ``scheduler`` (spacing) on the model's schedule;
+    ``steps_offset``: see :func:`leading_offset`."""
+    offset = leading_offset(bundle.family, scheduler, steps_offset)
+    options = {} if offset is None else {"steps_offset": offset}
     try:
-        return spacing_sigmas(scheduler, bundle.family.schedule(), steps)
+        return spacing_sigmas(scheduler, bundle.family.schedule(), steps, **options)
     except ValueError as e:
         raise InputError(str(e)) from None
 

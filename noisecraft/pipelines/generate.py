@@ -86,7 +86,8 @@ def run_request(run: Run, req: GenerationRequest) -> PipelineOutput:
         concat = txt2img_concat(run, width, height)
         denoiser = guided_denoiser(run.bundle, cond, req.cfg_scale, req.guidance_rescale, concat)
         latents = img2img(run, denoiser, latent, steps=req.steps, strength=req.strength,
-                          sampler=req.sampler, scheduler=req.scheduler, eta=req.eta)
+                          sampler=req.sampler, scheduler=req.scheduler, eta=req.eta,
+                          steps_offset=req.steps_offset)
         return PipelineOutput(latents, decode_latents(run.bundle, latents), width, height)
     strength = req.strength
     if req.task == "outpaint":

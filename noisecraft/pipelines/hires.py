@@ -63,4 +63,5 @@ def hires_fix(
     return img2img(
         run, denoiser, big, steps=req.hires_steps or req.steps, strength=req.hires_strength,
         sampler=req.sampler, scheduler=req.scheduler, eta=req.eta, stage="hires",
+        steps_offset=req.steps_offset,
     )

@@ -5,6 +5,10 @@ Strength convention (diffusers'): with ``steps`` N and ``strength`` s the run vi
 ``int(N * s)`` steps of the full N-step sigma list, starting at index ``N - int(N * s)``; the
 start state is ``latent + sigmas[start] * noise``.  (AUTOMATIC1111 runs ``int(N * s) + 1``
 steps by default.)  ``strength = 1`` starts at the top sigma, where the image barely shows.
+
+The latent is the VAE posterior's mode and ``noise`` the seed's first draw.  diffusers'
+img2img pipeline samples the posterior with its generator first, so its noise is the second
+draw; given the mode, it gives the same image (tests/parity/test_img2img_inpaint_parity.py).
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ def img2img(
     scheduler: str,
     eta: float | None = None,
     stage: str = "sample",
+    steps_offset: int | None = None,
 ) -> torch.Tensor:
-    """Re-noise diffusion latents [B, C, h, w] by ``strength`` and denoise them back."""
-    sigmas = model_sigmas(run.bundle, scheduler, steps)
+    """Re-noise diffusion latents [B, C, h, w] by ``strength`` and denoise them back
+    (``steps_offset``: of the ``leading`` spacing, see ``common.leading_offset``)."""
+    sigmas = model_sigmas(run.bundle, scheduler, steps, steps_offset)
     start = strength_start(steps, strength)
     x, _ = noised_start(run, latent, float(sigmas[start]))
     return run_sampler(run, denoiser, x, sigmas, sampler, start_step=start, stage=stage, eta=eta)

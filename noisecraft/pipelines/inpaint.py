@@ -12,7 +12,9 @@ Two ways, chosen by the model:
 
 Either way, the decoded image is pasted back over the original through the (grown, blurred)
 pixel mask, as AUTOMATIC1111 does: where that mask is 0 the output pixels equal the input
-pixels exactly.  The run starts as img2img does (``strength``, diffusers' convention).
+pixels exactly.  The run starts as img2img does (``strength``, diffusers' convention), at
+strength 1 too: diffusers' inpaint pipeline starts from pure noise there, dropping the image
+latent, and otherwise matches (tests/parity/test_img2img_inpaint_parity.py).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def inpaint(
 
     bundle = run.bundle
     latent = encode_images(bundle, image, run.device).expand(run.batch, -1, -1, -1)
-    sigmas = model_sigmas(bundle, req.scheduler, req.steps)
+    sigmas = model_sigmas(bundle, req.scheduler, req.steps, req.steps_offset)
     start = strength_start(req.steps, strength)
     x, noise = noised_start(run, latent, float(sigmas[start]))
     if bundle.inpaint:

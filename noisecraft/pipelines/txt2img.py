@@ -27,7 +27,7 @@ def txt2img(
     model gets an all-repaint mask and an empty masked image, as diffusers and ComfyUI do.
     """
     shape = latent_shape(run.bundle, width, height)
-    sigmas = model_sigmas(run.bundle, req.scheduler, req.steps)
+    sigmas = model_sigmas(run.bundle, req.scheduler, req.steps, req.steps_offset)
     x = seeded_noise(run.generators, shape).to(run.device) * float(sigmas[0])
     concat = txt2img_concat(run, width, height)
     denoiser = guided_denoiser(run.bundle, cond, req.cfg_scale, req.guidance_rescale, concat)

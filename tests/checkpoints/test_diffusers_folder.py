@@ -61,17 +61,19 @@ def test_folder_unet_matches_diffusers_from_pretrained(pair):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_prediction_type_and_scaling_come_from_the_folder(tmp_path):
+def test_prediction_type_scaling_and_steps_offset_come_from_the_folder(tmp_path):
     folder = write_diffusers_folder(tmp_path / "m", "sd2-v")
-    assert load_diffusers_folder(folder).family.name == "sd2-v"
+    fam = load_diffusers_folder(folder).family
+    assert (fam.name, fam.steps_offset) == ("sd2-v", 1)
     vae_cfg = folder / "vae" / "config.json"
     cfg = json.loads(vae_cfg.read_text())
     vae_cfg.write_text(json.dumps({**cfg, "scaling_factor": 0.5}))
     sched = folder / "scheduler" / "scheduler_config.json"
     sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "epsilon",
-                                 "rescale_betas_zero_snr": True}))
+                                 "rescale_betas_zero_snr": True, "steps_offset": 0}))
     fam = load_diffusers_folder(folder).family
     assert (fam.name, fam.prediction, fam.zero_terminal_snr) == ("sd2", "eps", True)
+    assert fam.steps_offset == 0  # the leading spacing's default offset for this model
     assert fam.latent.scaling_factor == 0.5
 
 
