@@ -95,7 +95,10 @@ def test_ordinary_inpainting_keeps_the_unmasked_latent(engine):
 
     latent = encode_images(engine.model("sd1"), image_to_tensor(photo()), "cpu")
     result = engine.generate(req(mask=square_mask(), mask_blur=0, strength=1.0))
-    torch.testing.assert_close(result.latents[..., :2, :], latent[..., :2, :])
+    # the engine encodes through its compute backend (onednn by default: fp32 within ~1e-5 of
+    # the eager encode used here), so compare at 1e-4
+    torch.testing.assert_close(result.latents[..., :2, :], latent[..., :2, :], atol=1e-4,
+                               rtol=1e-4)
     assert not torch.allclose(result.latents[..., 3:5, 3:5], latent[..., 3:5, 3:5], atol=0.1)
 
 
