@@ -86,7 +86,7 @@ def _versions() -> dict:
     return out
 
 
-def _load() -> dict:
+def load_average() -> dict:
     one, five, fifteen = os.getloadavg()
     up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     return {"loadavg_1_5_15": [one, five, fifteen], "uptime": up, "at": datetime.now().isoformat()}
@@ -158,8 +158,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
     if args.runs < 3 and not args.quick:
         raise SystemExit("--runs must be >= 3 (medians of fewer runs are noise)")
-    result = {"machine": machine(), "load_before": _load(), "args": vars(args) | {"out": None},
-              "results": {}}
+    result = {"machine": machine(), "load_before": load_average(),
+              "args": vars(args) | {"out": None}, "results": {}}
     with tempfile.TemporaryDirectory(prefix="noisecraft-bench-") as tmp_name:
         tmp = Path(tmp_name)
         weights = {}
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         for suite in suites:
             result["results"][suite] = run_suite(suite, args, weights, tmp)
-            result["load_after"] = _load()
+            result["load_after"] = load_average()
             out.write_text(json.dumps(result, indent=2))  # after each suite: partial results
     print(markdown(result))
     print(f"\nwritten: {out}")

@@ -58,8 +58,12 @@ def children(pid: int) -> list[int]:
 class Server:
     """``noisecraft serve`` in a subprocess.  Use as a context manager."""
 
-    def __init__(self, data_dir: Path, *args: str, workers: int = 1, lease: float = 5.0) -> None:
+    def __init__(self, data_dir: Path, *args: str, workers: int = 1, lease: float = 5.0,
+                 env: dict[str, str] | None = None) -> None:
+        """``env``: extra environment variables for the server and its workers (over the
+        defaults ``PYTHONPATH`` = the repository and ``OMP_NUM_THREADS=1``)."""
         self.data_dir = Path(data_dir)
+        self.env = dict(env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "noisecraft.cli", "serve", "--host", "127.0.0.1",
@@ -70,7 +74,7 @@ class Server:
 
     def start(self) -> Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **self.env}
         self._log = open(self.log, "wb")
         self.proc = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
