@@ -36,6 +36,10 @@ ANY = "*"
 WIDGET_TYPES = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})
 
 MAX_RESOLUTION = 16384  # ComfyUI's nodes.MAX_RESOLUTION
+PIXEL_POSITION = {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 1}
+"""Widget range of a pixel coordinate (ComfyUI's x / y inputs of image and mask nodes)."""
+PIXEL_SIZE = {"default": 512, "min": 1, "max": MAX_RESOLUTION, "step": 1}
+"""Widget range of a pixel width / height (ComfyUI's EmptyImage, SolidMask, crops)."""
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 Choices = Sequence[str] | Callable[[Any], Sequence[str]]

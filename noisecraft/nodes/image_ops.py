@@ -21,6 +21,8 @@ from noisecraft.graph.schema import (
     INT,
     MASK,
     MAX_RESOLUTION,
+    PIXEL_POSITION,
+    PIXEL_SIZE,
     Input,
     Node,
     NodeSchema,
@@ -29,8 +31,7 @@ from noisecraft.graph.schema import (
 from noisecraft.nodes.latent_ops import ROTATIONS, quarter_turns
 from noisecraft.nodes.tensors import IMAGE_UPSCALE_METHODS, alpha_fix, composite, resize
 
-_POS = {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 1}
-_SIZE = {"default": 512, "min": 1, "max": MAX_RESOLUTION, "step": 1}
+_POS, _SIZE = PIXEL_POSITION, PIXEL_SIZE
 
 
 def _resized_like(image: torch.Tensor, like: torch.Tensor, method: str) -> torch.Tensor:

@@ -16,7 +16,8 @@ from noisecraft.graph.schema import (
     IMAGE,
     INT,
     MASK,
-    MAX_RESOLUTION,
+    PIXEL_POSITION,
+    PIXEL_SIZE,
     Input,
     Node,
     NodeSchema,
@@ -24,8 +25,7 @@ from noisecraft.graph.schema import (
 )
 from noisecraft.nodes.tensors import as_batch_mask
 
-_POS = {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 1}
-_SIZE = {"default": 512, "min": 1, "max": MAX_RESOLUTION, "step": 1}
+_POS, _SIZE = PIXEL_POSITION, PIXEL_SIZE
 CHANNELS = ["red", "green", "blue", "alpha"]
 
 
