@@ -40,13 +40,21 @@ def test_single_file_and_folder_give_identical_numbers(pair):
     name, single, folder, _ = pair
     assert single.family == folder.family
     assert single.inpaint == folder.inpaint == name.endswith("inpaint")
+    for part in ("unet", "vae", "text_encoder"):  # the same weights, bit for bit
+        sa, sb = getattr(single, part).state_dict(), getattr(folder, part).state_dict()
+        # SD2's single file keeps the text encoder's last layer (clip skip 2 leaves it
+        # unused); diffusers' folder drops it. Every tensor the folder has must match.
+        assert sb.keys() <= sa.keys() if part == "text_encoder" else sa.keys() == sb.keys(), part
+        assert all(torch.equal(sa[k], sb[k]) for k in sb), part
+    # The outputs agree to float rounding only: oneDNN/MKL may pick different kernels for
+    # tensors of different memory layout (seen on one CI CPU: 3e-7 apart in the U-Net).
     a, b = outputs(single), outputs(folder)
     for key in ("unet", "vae", "context"):
-        assert torch.equal(a[key], b[key]), key
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
     if tiny_spec(name).arrangement != "sd2":  # diffusers drops SD2's projection (unused by SD2)
         assert (a["pooled"] is None) == (b["pooled"] is None)
         if a["pooled"] is not None:
-            assert torch.equal(a["pooled"], b["pooled"])
+            torch.testing.assert_close(a["pooled"], b["pooled"], atol=1e-5, rtol=1e-5)
 
 
 def test_folder_unet_matches_diffusers_from_pretrained(pair):
