@@ -64,10 +64,21 @@ reconstructions right (colour, shape, size, position, background: 100/97/100/100
 VAE_LOSS_FOREGROUND_WEIGHT = 5.0
 """Pixels of the shape weigh 6x the background in the reconstruction loss (400-step A/B:
 colour read back right on 78% of reconstructions, against 17% unweighted)."""
-DIFFUSION_STEPS = 12000
-"""The first shipped model stopped at 4,000 (scores in docs/default_model.md); the run continues
-from that checkpoint to 12,000 at the same flat lr."""
-STAGES = ("vae", "diffusion")
+DIFFUSION_STEPS = 4000
+"""Stage 2 (eps-prediction on SD's schedule) ends at 4,000 steps: the first shipped model.
+
+Its images took their background colour, and mostly the shape's place and size, from the
+seed, whatever the prompt said (same seed, four background words: four identical images).
+SD's schedule keeps 7% of the image at its last step; on flat-coloured 32 x 32 latents the
+model reads the background from that leak in the initial noise instead of from the text
+(session 3). More eps steps cannot fix that, so stage 3 changes the schedule."""
+VPRED_STEPS = 6000
+"""Stage 3 fine-tunes stage 2's weights to v-prediction on the zero-terminal-SNR schedule."""
+VPRED_TEXT_LR_SCALE = 5.0
+"""The text encoder at 5x the U-Net's lr in stage 3: after stage 2 it barely told "white"
+from "blue" (its states for the two differed by 0.4%), having never needed to."""
+STAGES = ("vae", "diffusion", "vpred")
+STAGE_DIRS = {"vae": "vae", "diffusion": "diffusion", "vpred": "vpred"}
 
 
 def vae_stage(root: Path) -> VAETrainConfig:
@@ -107,6 +118,22 @@ def diffusion_stage(root: Path):
     )
 
 
+def vpred_stage(root: Path):
+    """The stage-3 config: stage 2's model fine-tuned to v-prediction with zero terminal SNR
+    (no min-SNR weighting: for v it is ~0 at the last step, the one that must read the text)."""
+    from noisecraft.training.trainer import MODEL_FILE, ObjectiveConfig
+
+    root = Path(root)
+    base = diffusion_stage(root)
+    return replace(
+        base,
+        model=replace(base.model, init_weights=root / "diffusion" / MODEL_FILE),
+        objective=ObjectiveConfig(prediction="v", zero_terminal_snr=True),
+        optim=replace(base.optim, warmup_steps=100, text_lr_scale=VPRED_TEXT_LR_SCALE),
+        run=replace(base.run, out_dir=root / "vpred", steps=VPRED_STEPS),
+    )
+
+
 def model_config(vae_file: Path | None = None):
     """The default architecture; in the latent space of ``vae_file`` when given, else in pixel
     space (the same U-Net with 3 input and output channels)."""
@@ -123,15 +150,15 @@ def stage_done(root: Path, stage: str) -> bool:
     root = Path(root)
     if stage == "vae":
         return (root / "vae" / VAE_FILE).exists()
-    if stage == "diffusion":
+    if stage in ("diffusion", "vpred"):
         from noisecraft.training.state import read_metadata
         from noisecraft.training.trainer import MODEL_FILE
 
-        path = root / "diffusion" / MODEL_FILE
+        path = root / STAGE_DIRS[stage] / MODEL_FILE
         if not path.exists():
             return False
         step = (read_metadata(path).get("noisecraft.training") or {}).get("step")
-        return step is None or step >= DIFFUSION_STEPS
+        return step is None or step >= (DIFFUSION_STEPS if stage == "diffusion" else VPRED_STEPS)
     raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
 
 
@@ -155,9 +182,9 @@ def run_stage(root: str | Path, stage: str, *, stop_after: int | None = None) ->
     else:
         from noisecraft.training.trainer import train
 
-        cfg = diffusion_stage(root)
+        cfg = diffusion_stage(root) if stage == "diffusion" else vpred_stage(root)
         result = train(replace(cfg, run=replace(cfg.run, stop_after=stop_after)))
-        print(f"diffusion: step {result.step}", flush=True)
+        print(f"{stage}: step {result.step}", flush=True)
     return stage_done(root, stage)
 
 
@@ -231,7 +258,7 @@ def export_default_model(root: str | Path = "runs/default", out: str | Path | No
     from noisecraft.training import state as ckpt
     from noisecraft.training.trainer import MODEL_FILE
 
-    src = Path(root) / "diffusion" / MODEL_FILE
+    src = Path(root) / STAGE_DIRS[STAGES[-1]] / MODEL_FILE
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist yet: finish training first "
                                 "(scripts/train_default_model.sh)")

@@ -42,6 +42,7 @@ from noisecraft.training.ema import EMA
 from noisecraft.training.runtime import (
     DistEnv,
     MetricsCSV,
+    OptimConfig,
     ProgressCallback,
     ProgressEvent,
     Rate,
@@ -58,12 +59,21 @@ from noisecraft.training.runtime import (
     prepare_run_dir,
     progress_reporter,
     resolve_precision,
+    set_lr,
 )
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Prediction type, loss weighting and the training noise schedule (SD's by default)."""
+    """Prediction type, loss weighting and the training noise schedule (SD's by default).
+
+    ``zero_terminal_snr`` rescales the schedule so its last step is pure noise (Lin et al. 2023,
+    diffusers' ``rescale_betas_zero_snr``). Without it SD's last step keeps 7% of the image,
+    and a model learns to read the image's low frequencies (background colour, where the shape
+    is) from the initial noise rather than from the prompt - at sampling time that "signal"
+    is the seed's, so the prompt loses. It needs ``prediction="v"`` (eps says nothing about
+    the image at zero SNR). Models trained with it record it in their family, and samplers
+    then start from the last step."""
 
     prediction: str = "eps"
     min_snr_gamma: float | None = None
@@ -71,10 +81,14 @@ class ObjectiveConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    zero_terminal_snr: bool = False
 
     def __post_init__(self) -> None:
         if self.prediction not in ("eps", "v"):
             raise ValueError(f"prediction={self.prediction!r}; the trainer supports 'eps', 'v'")
+        if self.zero_terminal_snr and self.prediction != "v":
+            raise ValueError("zero_terminal_snr=True needs prediction='v': at zero SNR the noise"
+                             " is the whole input, so an eps target teaches nothing")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma={self.min_snr_gamma} must be > 0 (e.g. 5), or None")
 
@@ -99,6 +113,23 @@ class TextToImage(nn.Module):
     def forward(self, x_in, timesteps, ids):
         context, _ = self.text(ids)
         return self.unet(x_in, timesteps, context)
+
+
+def param_groups(model: TextToImage, optim: OptimConfig) -> list[dict]:
+    """The trainable parameters as AdamW groups: the U-Net's (and anything else) at the
+    scheduled lr, the text encoder's at ``optim.text_lr_scale`` times it. A text encoder trained
+    from scratch next to a U-Net learns its token embeddings far slower than the U-Net learns
+    to denoise (each Adam step moves a weight by about lr), so a from-scratch model may want a
+    larger text lr; empty groups are left out. At scale 1, one group (as checkpoints written
+    before the option hold, so they still resume)."""
+    text = {id(p) for p in model.text.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if optim.text_lr_scale == 1.0:
+        return [{"params": trainable}]
+    groups = [{"params": [p for p in trainable if id(p) not in text], "lr_scale": 1.0},
+              {"params": [p for p in trainable if id(p) in text],
+               "lr_scale": float(optim.text_lr_scale)}]
+    return [g for g in groups if g["params"]]
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -171,7 +202,7 @@ class DiffusionRun(ABC):
         self.config, self.env, self.model, self.trained = config, env, model, trained
         self.vae, self.latent, self.schedule, self.objective = vae, latent, schedule, objective
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.trainable, config.optim)
+        self.opt = make_optimizer(param_groups(model, config.optim), config.optim)
         self.ema = EMA(model, config.optim.ema_decay) if config.optim.ema_decay else None
         self.gen = torch.Generator().manual_seed(config.run.seed * 1000 + env.rank + 1)
         self.dataset = open_dataset(config.data)
@@ -224,8 +255,7 @@ class DiffusionRun(ABC):
         """One optimiser step over ``grad_accum`` micro-batches; (mean loss, lr used)."""
         optim = self.config.optim
         lr = lr_at(self.step, optim)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_lr(self.opt, lr)
         total = 0.0
         for k in range(optim.grad_accum):
             images, captions = self.micro_batch()

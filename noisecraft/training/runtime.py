@@ -38,6 +38,8 @@ class OptimConfig:
 
     ``batch_size`` is per process and per micro-step; one optimiser step sees
     ``batch_size * grad_accum * world_size`` samples.  ``ema_decay=None`` turns EMA off.
+    ``text_lr_scale`` multiplies ``lr`` for the text encoder's trainable parameters in the
+    text-to-image trainers (kohya's separate ``text_encoder_lr``, as a ratio); 1 elsewhere.
     """
 
     lr: float = 1e-4
@@ -50,8 +52,11 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
     ema_decay: float | None = 0.999
     precision: str = "auto"
+    text_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.text_lr_scale > 0:
+            raise ValueError(f"OptimConfig.text_lr_scale={self.text_lr_scale} must be > 0")
         if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.warmup_steps < 0:
             raise ValueError(
                 f"OptimConfig: need lr > 0, batch_size >= 1, grad_accum >= 1, warmup_steps >= 0;"
@@ -98,7 +103,15 @@ def lr_at(step: int, optim: OptimConfig) -> float:
     return optim.lr
 
 
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled ``lr`` into every param group, times the group's ``lr_scale`` (if any)."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def make_optimizer(params, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over ``params``: tensors, or param-group dicts (a group's ``lr_scale`` multiplies
+    the scheduled lr, see :func:`set_lr`)."""
     return torch.optim.AdamW(list(params), lr=optim.lr, betas=optim.betas, eps=optim.eps,
                              weight_decay=optim.weight_decay)
 

@@ -64,6 +64,9 @@ class ModelConfig:
     ``vae_file``: a frozen VAE written by ``vae_trainer`` (its measured scaling factor is used
     unless ``latent_scaling`` is set); ``vae``: a freshly initialised frozen VAE (tests).
     ``train_text_encoder=False`` freezes the (randomly initialised) text encoder.
+    ``init_weights``: a model file written by this trainer whose U-Net and text encoder (same
+    configs) start a fresh run instead of random weights (ignored when a run resumes: its
+    checkpoint holds the weights).
     """
 
     unet: UNetConfig
@@ -73,6 +76,7 @@ class ModelConfig:
     latent_scaling: float | None = None
     train_text_encoder: bool = True
     family_name: str = "noisecraft"
+    init_weights: Path | None = None
 
     def __post_init__(self) -> None:
         if self.unet.context_dim != self.text.width:
@@ -102,7 +106,8 @@ def family_for(config: TrainConfig, latent: LatentFormat) -> Family:
     return Family(config.model.family_name, prediction=o.prediction, text="clip", latent=latent,
                   native_size=config.data.resolution, beta_schedule=o.beta_schedule,
                   beta_start=o.beta_start, beta_end=o.beta_end,
-                  num_train_timesteps=o.num_train_timesteps)
+                  num_train_timesteps=o.num_train_timesteps,
+                  zero_terminal_snr=o.zero_terminal_snr)
 
 
 def build_vae(m: ModelConfig) -> tuple[AutoencoderKL | None, LatentFormat]:
@@ -132,6 +137,20 @@ def _check_channels(m: ModelConfig, latent: LatentFormat) -> None:
         )
 
 
+def _load_init_weights(model: TextToImage, m: ModelConfig) -> None:
+    path = Path(m.init_weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"ModelConfig.init_weights={path} does not exist")
+    loaded = ckpt.load_trained_model(path)
+    for part, have, want in (("unet", loaded.unet.config, m.unet),
+                             ("text encoder", loaded.text_encoder.config, m.text)):
+        if have != want:
+            raise ValueError(f"init_weights {path} holds a {part} with config {have}, but this "
+                             f"run trains {want}; they must match")
+    model.unet.load_state_dict(loaded.unet.state_dict())
+    model.text.load_state_dict(loaded.text_encoder.state_dict())
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -145,6 +164,8 @@ class _Run(DiffusionRun):
         _check_channels(m, latent)
         self.family = family_for(config, latent)
         model = TextToImage(UNetModel(m.unet), CLIPTextEncoder(m.text))
+        if m.init_weights is not None:  # before the EMA copies the weights (super().__init__)
+            _load_init_weights(model, m)
         model.text.requires_grad_(m.train_text_encoder)
         super().__init__(config, env, model, model, vae=vae, latent=latent,
                          schedule=self.family.schedule(), objective=config.objective)

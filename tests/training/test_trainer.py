@@ -172,3 +172,89 @@ def test_default_model_export_is_float16_and_loads(tmp_path):
     key = "input_blocks.0.0.weight"
     w = full["model.diffusion_model." + key]
     assert torch.equal(bundle.unet.state_dict()[key], w.half().float())
+
+
+def test_text_lr_scale_moves_the_text_encoder_that_much_faster(tmp_path):
+    """Three steps from the same weights and data. The first two move no text weight (the
+    U-Net's cross-attention output projections start at zero, so no gradient reaches the
+    context yet); in the third, Adam moves the text encoder's weights text_lr_scale times as
+    far, with the same gradients, while the U-Net's update is the same."""
+    def deltas(scale: float, out: Path) -> tuple[float, float]:
+        c = tiny_config(out, steps=3, checkpoint_every=0)
+        c = replace(c, optim=replace(c.optim, warmup_steps=0, ema_decay=None,
+                                     weight_decay=0.0, text_lr_scale=scale))
+        from noisecraft.training.runtime import DistEnv
+        from noisecraft.training.trainer import _Run
+        run = _Run(c, DistEnv())
+        run.train_step()
+        run.train_step()
+        before = {k: v.clone() for k, v in run.model.state_dict().items()}
+        run.train_step()
+        after = run.model.state_dict()
+        moved = {k: (after[k] - before[k]).abs().max().item() for k in before}
+        return (max(v for k, v in moved.items() if k.startswith("text.")),
+                max(v for k, v in moved.items() if k.startswith("unet.")))
+
+    text1, unet1 = deltas(1.0, tmp_path / "a")
+    text10, unet10 = deltas(10.0, tmp_path / "b")
+    assert text1 > 1e-4  # the text encoder does train
+    assert text10 == pytest.approx(10 * text1, rel=1e-3)
+    assert unet10 == pytest.approx(unet1, rel=1e-6)
+
+
+def test_text_lr_scale_group_survives_resume(tmp_path):
+    c = tiny_config(tmp_path / "run", steps=4, checkpoint_every=2)
+    c = replace(c, optim=replace(c.optim, text_lr_scale=5.0))
+    train(replace(c, run=replace(c.run, stop_after=2)), progress=quiet)
+    from noisecraft.training.runtime import DistEnv
+    from noisecraft.training.state import latest_checkpoint
+    from noisecraft.training.trainer import _Run
+
+    run = _Run(c, DistEnv())
+    run.restore(latest_checkpoint(c.run.out_dir))
+    assert sorted(g["lr_scale"] for g in run.opt.param_groups) == [1.0, 5.0]
+    assert train(c, progress=quiet).step == 4
+
+
+def test_init_weights_start_a_run_from_a_trained_model(tmp_path):
+    first = train(tiny_config(tmp_path / "first", steps=2), progress=quiet).model_path
+    c = tiny_config(tmp_path / "second", steps=1)
+    c = replace(c, model=replace(c.model, init_weights=first))
+    from noisecraft.training.runtime import DistEnv
+    from noisecraft.training.trainer import _Run
+
+    run = _Run(c, DistEnv())
+    loaded = load_trained_model(first)
+    for k, v in loaded.unet.state_dict().items():
+        assert torch.equal(run.model.unet.state_dict()[k], v), k
+    fresh = _Run(tiny_config(tmp_path / "third", steps=1), DistEnv())
+    assert not all(torch.equal(fresh.model.unet.state_dict()[k], v)
+                   for k, v in loaded.unet.state_dict().items())
+
+
+def test_init_weights_errors_name_the_problem(tmp_path):
+    c = tiny_config(tmp_path / "x", steps=1)
+    from noisecraft.training.runtime import DistEnv
+    from noisecraft.training.trainer import _Run
+
+    with pytest.raises(FileNotFoundError, match="init_weights"):
+        _Run(replace(c, model=replace(c.model, init_weights=tmp_path / "nope.safetensors")),
+             DistEnv())
+    first = train(tiny_config(tmp_path / "first", steps=1), progress=quiet).model_path
+    other = replace(c.model, unet=replace(c.model.unet, model_channels=64), init_weights=first)
+    with pytest.raises(ValueError, match="unet.*must match"):
+        _Run(replace(c, model=other), DistEnv())
+    with pytest.raises(ValueError, match="text_lr_scale"):
+        OptimConfig(text_lr_scale=0)
+
+
+def test_zero_terminal_snr_is_trained_and_recorded_in_the_family(tmp_path):
+    with pytest.raises(ValueError, match="needs prediction='v'"):
+        ObjectiveConfig(prediction="eps", zero_terminal_snr=True)
+    c = tiny_config(tmp_path / "z", steps=1)
+    c = replace(c, objective=ObjectiveConfig(prediction="v", zero_terminal_snr=True))
+    path = train(c, progress=quiet).model_path
+    family = load_trained_model(path).family
+    assert (family.prediction, family.zero_terminal_snr) == ("v", True)
+    ac = family.schedule().alphas_cumprod
+    assert ac[-1] < 1e-7 < DiscreteSchedule.from_betas().alphas_cumprod[-1]

@@ -141,5 +141,23 @@ def test_diffusion_stage_is_done_only_at_its_step_count(tmp_path, monkeypatch):
     assert default_model.stage_done(tmp_path, "diffusion")
     monkeypatch.setattr(default_model, "DIFFUSION_STEPS", 8000)  # raised: continue training
     assert not default_model.stage_done(tmp_path, "diffusion")
-    with pytest.raises(ValueError, match="the stages are vae, diffusion"):
+    with pytest.raises(ValueError, match="the stages are vae, diffusion, vpred"):
         default_model.stage_done(tmp_path, "nope")
+
+
+def test_vpred_stage_fine_tunes_stage_2_to_v_on_zero_terminal_snr(tmp_path, monkeypatch):
+    from noisecraft.training import default_model, state
+
+    cfg = default_model.vpred_stage(tmp_path)
+    assert cfg.model.init_weights == tmp_path / "diffusion" / "model.safetensors"
+    assert (cfg.objective.prediction, cfg.objective.zero_terminal_snr) == ("v", True)
+    assert cfg.objective.min_snr_gamma is None and cfg.optim.text_lr_scale > 1
+    assert cfg.run.out_dir == tmp_path / "vpred"
+    path = tmp_path / "vpred" / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    state.save_model_file(path, {"model.": {"w": torch.zeros(1)}},
+                          {"noisecraft.training": {"step": 10, "samples": 160}})
+    monkeypatch.setattr(default_model, "VPRED_STEPS", 10)
+    assert default_model.stage_done(tmp_path, "vpred")
+    monkeypatch.setattr(default_model, "VPRED_STEPS", 11)
+    assert not default_model.stage_done(tmp_path, "vpred")
