@@ -195,6 +195,27 @@ def vp_sigmas(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float 
     return _append_zero(torch.special.expm1(beta_d * t**2 / 2 + beta_min * t).sqrt())
 
 
+LAPLACE_EPS = 1e-5  # keeps log(1 - 2|r - 1/2|) finite at both ends (k-diffusion's epsilon)
+
+
+def laplace_sigmas(
+    n: int, sigma_min: float, sigma_max: float, mu: float = 0.0, beta: float = 0.5
+) -> torch.Tensor:
+    """Log sigma at the quantiles of a Laplace(mu, beta) distribution (Hang et al. 2024,
+    "Improved Noise Schedule for Diffusion Training"; k-diffusion/ComfyUI's
+    ``get_sigmas_laplace``): for r = 0 .. 1 in n even steps,
+    ``log sigma = mu - beta * sign(1/2 - r) * log(1 - 2 |1/2 - r| + 1e-5)``, clamped to
+    [sigma_min, sigma_max].  The steps crowd around sigma = exp(mu).
+
+    Unlike the other spacings there is **no final 0**: n sigmas, the last one sigma_min (or
+    exp(mu - 11.5 beta) if larger), exactly as ComfyUI's LaplaceScheduler returns them, so a
+    sampler given these ends at that noise level.
+    """
+    r = torch.linspace(0, 1, n, dtype=F64)
+    lmb = mu - beta * torch.sign(0.5 - r) * torch.log(1 - 2 * (0.5 - r).abs() + LAPLACE_EPS)
+    return lmb.exp().clamp(min=sigma_min, max=sigma_max)
+
+
 def sd_turbo_sigmas(schedule: DiscreteSchedule, steps: int, denoise: float = 1.0):
     """SD-Turbo's few-step schedule (ComfyUI's SDTurboScheduler): of the timesteps 999, 899,
     ..., 99, skip the first 10 - int(10 denoise) and take ``steps``, then 0."""

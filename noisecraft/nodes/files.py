@@ -26,20 +26,28 @@ _ANNOTATION = re.compile(r"^(.*?)\s*\[(input|output|temp)\]$")
 CHANNELS = ("alpha", "red", "green", "blue")
 
 
-def _input_files(context) -> list[str]:
+def input_files(context, suffix: str = "") -> list[str]:
+    """The files in the input folder (with subfolders) whose names end with ``suffix``."""
     folder = getattr(context, "input_dir", None)
     if folder is None or not Path(folder).is_dir():
         return []
     root = Path(folder)
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.is_file() and not p.name.startswith("."))
+                  if p.is_file() and not p.name.startswith(".") and p.name.endswith(suffix))
+
+
+def resolve_annotated(context, name: str, what: str = "image") -> Path:
+    """The file a loader's value names: relative to the input folder, or to the output/temp
+    folder with a ``" [output]"`` / ``" [temp]"`` annotation; subfolders allowed, traversal
+    refused (:func:`~noisecraft.graph.context.safe_join`)."""
+    match = _ANNOTATION.match(str(name))
+    kind, relative = ("input", name) if match is None else (match.group(2), match.group(1))
+    return safe_join(context.folder(kind), relative, what=f"{kind} {what} name")
 
 
 def resolve_image_path(context, name: str) -> Path:
     """The file a LoadImage ``image`` value names (annotations and subfolders allowed)."""
-    match = _ANNOTATION.match(str(name))
-    kind, relative = ("input", name) if match is None else (match.group(2), match.group(1))
-    return safe_join(context.folder(kind), relative, what=f"{kind} image name")
+    return resolve_annotated(context, name, "image")
 
 
 def _open(path: Path) -> Image.Image:
@@ -88,7 +96,7 @@ class _ReadsInputFile(Node):
 class LoadImage(_ReadsInputFile):
     schema = NodeSchema(
         name="LoadImage", display_name="Load Image", category="image", needs_context=True,
-        inputs=[Input("image", COMBO, choices=_input_files, image_upload=True,
+        inputs=[Input("image", COMBO, choices=input_files, image_upload=True,
                       check_choices=False)],
         outputs=[Out(IMAGE), Out(MASK)],
     )
@@ -114,7 +122,7 @@ class LoadImageMask(_ReadsInputFile):
     schema = NodeSchema(
         name="LoadImageMask", display_name="Load Image (as Mask)", category="mask",
         needs_context=True,
-        inputs=[Input("image", COMBO, choices=_input_files, image_upload=True,
+        inputs=[Input("image", COMBO, choices=input_files, image_upload=True,
                       check_choices=False),
                 Input("channel", COMBO, choices=CHANNELS)],
         outputs=[Out(MASK)],
@@ -134,27 +142,36 @@ class LoadImageMask(_ReadsInputFile):
         return ((1.0 - mask if band == "A" else mask)[None],)
 
 
-def _next_counter(folder: Path, stem: str) -> int:
-    pattern = re.compile(re.escape(stem) + r"_(\d{5,})_\.png$")
-    numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := pattern.match(p.name))]
+def _next_counter(folder: Path, stem: str, suffix: str = ".png") -> int:
+    pattern = re.compile(re.escape(stem) + r"_(\d{5,})_" + re.escape(suffix) + "$")
+    numbers = [int(m.group(1)) for p in folder.glob(f"*{suffix}")
+               if (m := pattern.match(p.name))]
     return max(numbers, default=0) + 1
+
+
+def save_slot(prefix: str, kind: str, context: NodeContext,
+              suffix: str = ".png") -> tuple[Path, str, str, int]:
+    """Where ``<prefix>_<counter:05>_<suffix>`` files go (ComfyUI's ``get_save_image_path``):
+    (directory, subfolder relative to the ``kind`` folder, file stem, next free counter).
+    ``prefix`` may name subfolders; leaving the folder is refused.  Creates the directory."""
+    folder = context.folder(kind)
+    target = safe_join(folder, f"{prefix}_00001_{suffix}", what="filename_prefix")
+    subfolder = target.parent.relative_to(folder.resolve()).as_posix()
+    stem = target.name[: -len(f"_00001_{suffix}")]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    counter = _next_counter(target.parent, stem, suffix)
+    return target.parent, "" if subfolder == "." else subfolder, stem, counter
 
 
 def save_batch(images, prefix: str, kind: str, context: NodeContext) -> list[dict[str, str]]:
     """Write each image as ``<prefix>_<counter:05>_.png``; ComfyUI's result entries."""
-    folder = context.folder(kind)
-    target = safe_join(folder, f"{prefix}_00001_.png", what="filename_prefix")
-    subfolder = target.parent.relative_to(folder.resolve()).as_posix()
-    stem = target.name[: -len("_00001_.png")]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    counter = _next_counter(target.parent, stem)
+    directory, subfolder, stem, counter = save_slot(prefix, kind, context)
     results = []
     for batch_number, image in enumerate(images):
         context.check_interrupted()
         name = f"{stem.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-        save_png(image_to_pil(image), target.parent / name, None)
-        results.append({"filename": name, "subfolder": "" if subfolder == "." else subfolder,
-                        "type": kind})
+        save_png(image_to_pil(image), directory / name, None)
+        results.append({"filename": name, "subfolder": subfolder, "type": kind})
         counter += 1
     return results
 

@@ -1,5 +1,5 @@
 """Image nodes that need no model: crop, flip, rotate, batch, composite, blank images, blend
-modes, Gaussian blur and sharpen, scaling to a pixel count.
+modes, Gaussian blur and sharpen, seeded noise, scaling to a pixel count.
 
 IMAGE is [B, H, W, C] float in [0, 1].  Names, inputs, defaults, ranges and categories are
 ComfyUI's (``nodes.py``, ``comfy_extras/nodes_images.py``, ``nodes_mask.py`` and
@@ -21,6 +21,7 @@ from noisecraft.graph.schema import (
     INT,
     MASK,
     MAX_RESOLUTION,
+    MAX_SEED,
     PIXEL_POSITION,
     PIXEL_SIZE,
     Input,
@@ -131,6 +132,26 @@ class ImageFromBatch(Node):
         start = batch_index + n if batch_index < 0 else batch_index
         start = max(0, min(n - 1, start))
         return (image[start:start + min(n - start, length)].clone(),)
+
+
+class ImageAddNoise(Node):
+    schema = NodeSchema(
+        name="ImageAddNoise", category="image",
+        inputs=[Input("image", IMAGE),
+                Input("seed", INT, default=0, min=0, max=MAX_SEED, control_after_generate=True,
+                      tooltip="The random seed used for creating the noise."),
+                Input("strength", FLOAT, default=0.5, min=0.0, max=1.0, step=0.01)],
+        outputs=[Output(IMAGE)],
+    )
+
+    @classmethod
+    def execute(cls, image, seed, strength):
+        """clip(image + strength * n, 0, 1) with n ~ N(0, 1) of the image's shape, drawn in
+        float32 from a CPU generator seeded with ``seed`` - ComfyUI's numbers (it seeds the
+        global generator, ``torch.manual_seed(seed)``; this one is private, same stream)."""
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        noise = torch.randn(image.shape, generator=gen, dtype=torch.float32).to(image)
+        return ((image + strength * noise).clamp(0.0, 1.0),)
 
 
 class ImageCompositeMasked(Node):
@@ -297,5 +318,5 @@ class ImageScaleToTotalPixels(Node):
 
 
 IMAGE_OP_NODES = [ImageCrop, ImageFlip, ImageRotate, ImageBatch, RepeatImageBatch,
-                  ImageFromBatch, ImageCompositeMasked, EmptyImage, ImageBlend, ImageBlur,
-                  ImageSharpen, ImageScaleToTotalPixels]
+                  ImageFromBatch, ImageAddNoise, ImageCompositeMasked, EmptyImage, ImageBlend,
+                  ImageBlur, ImageSharpen, ImageScaleToTotalPixels]

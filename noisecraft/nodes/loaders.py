@@ -10,6 +10,7 @@ it samples.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from noisecraft.graph.context import NodeContext
@@ -129,8 +130,9 @@ class LoraLoader(Node):
                 context: NodeContext):
         path = _lora_path(context, lora_name)
         if strength_model != 0:
-            model = ModelValue(with_loras(model.bundle, [(path, strength_model)], "unet"),
-                               (*model.loras, (lora_name, strength_model)))
+            model = replace(model, bundle=with_loras(model.bundle, [(path, strength_model)],
+                                                     "unet"),
+                            loras=(*model.loras, (lora_name, strength_model)))
         if strength_clip != 0:
             clip = ClipValue(with_loras(clip.bundle, [(path, strength_clip)], "text_encoder"),
                              clip.clip_skip, (*clip.loras, (lora_name, strength_clip)))
@@ -155,8 +157,8 @@ class LoraLoaderModelOnly(Node):
         if strength_model == 0:
             return (model,)
         path = _lora_path(context, lora_name)
-        return (ModelValue(with_loras(model.bundle, [(path, strength_model)], "unet"),
-                           (*model.loras, (lora_name, strength_model))),)
+        return (replace(model, bundle=with_loras(model.bundle, [(path, strength_model)], "unet"),
+                        loras=(*model.loras, (lora_name, strength_model))),)
 
 
 class CLIPSetLastLayer(Node):

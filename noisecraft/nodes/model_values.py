@@ -50,10 +50,18 @@ def engine_of(context: Any) -> Engine:
 
 @dataclass(frozen=True, eq=False)
 class ModelValue:
-    """MODEL: a bundle whose ``unet`` is what samples (LoRAs already merged in a clone)."""
+    """MODEL: a bundle whose ``unet`` is what samples (LoRAs already merged in a clone).
+
+    The bundle's ``family`` says what the U-Net predicts and its noise schedule
+    (ModelSamplingDiscrete swaps in an overridden one); ``cfg_rescale`` is RescaleCFG's
+    multiplier, which every guider built on this model applies (0: plain CFG).  Nodes that
+    derive a MODEL from another use ``dataclasses.replace`` so these settings carry over, as
+    ComfyUI's ``model.clone()`` keeps its patches.
+    """
 
     bundle: ModelBundle
     loras: tuple[tuple[str, float], ...] = ()
+    cfg_rescale: float = 0.0
 
     def schedule(self):
         return self.bundle.family.schedule()

@@ -34,6 +34,7 @@ from noisecraft.schedules import (
     beta_sigmas,
     exponential_sigmas,
     karras_sigmas,
+    laplace_sigmas,
     polyexponential_sigmas,
     sd_turbo_sigmas,
     spacing_sigmas,
@@ -223,6 +224,26 @@ class PolyexponentialScheduler(Node):
         return (polyexponential_sigmas(steps, sigma_min, sigma_max, rho),)
 
 
+class LaplaceScheduler(Node):
+    schema = NodeSchema(
+        name="LaplaceScheduler", category="sampling/custom_sampling/schedulers",
+        inputs=[
+            Input("steps", INT, default=20, min=1, max=10000),
+            Input("sigma_max", FLOAT, default=14.614642, **_SIGMA_RANGE),
+            Input("sigma_min", FLOAT, default=0.0291675, **_SIGMA_RANGE),
+            Input("mu", FLOAT, default=0.0, min=-10.0, max=10.0, step=0.1, round=False),
+            Input("beta", FLOAT, default=0.5, min=0.0, max=10.0, step=0.1, round=False),
+        ],
+        outputs=[Output(SIGMAS)],
+    )
+
+    @classmethod
+    def execute(cls, steps, sigma_max, sigma_min, mu, beta):
+        """``steps`` sigmas and no final 0, as ComfyUI's: a sampler given them stops at the
+        last, still noisy, level (:func:`~noisecraft.schedules.laplace_sigmas`)."""
+        return (laplace_sigmas(steps, sigma_min, sigma_max, mu, beta),)
+
+
 class VPScheduler(Node):
     schema = NodeSchema(
         name="VPScheduler", category="sampling/custom_sampling/schedulers",
@@ -343,6 +364,6 @@ class AddNoise(Node):
 
 
 SAMPLING_NODES = [KSamplerSelect, BasicScheduler, KarrasScheduler, ExponentialScheduler,
-                  PolyexponentialScheduler, VPScheduler, SDTurboScheduler,
+                  PolyexponentialScheduler, LaplaceScheduler, VPScheduler, SDTurboScheduler,
                   BetaSamplingScheduler, SplitSigmas, SplitSigmasDenoise, FlipSigmas,
                   DisableNoise, RandomNoise, AddNoise]

@@ -86,13 +86,55 @@ def _ramp(n: int, overlap: int) -> torch.Tensor:
     return w
 
 
+def tiled_map(x: torch.Tensor, fn, tile: int, lap: int, scale_in: int,
+              scale_out: int) -> torch.Tensor:
+    """``fn`` applied to overlapping tiles of x [B, C, H, W], blended into one output.
+
+    Sizes are counted in grid units: a unit is ``scale_in`` input pixels and ``scale_out``
+    output pixels (decode: 1 latent pixel -> f image pixels; encode: f image pixels -> 1
+    latent pixel), so tiles start on whole units and their outputs line up exactly.  Tiles
+    are ``tile`` units square, ``lap`` units overlap, the last row/column moved in to end at
+    the border; outputs are blended with linear ramps over the overlap (:func:`_ramp`).
+    ``fn`` maps [B, C, h, w] to [B, C', h / scale_in * scale_out, ...].  Memory is bounded by
+    one tile; the seams are not exactly invisible (each tile's network sees only the tile).
+    """
+    h, w = x.shape[-2] // scale_in, x.shape[-1] // scale_in
+    stride = max(1, tile - lap)
+    out = weight = None
+    for top in range(0, max(h - lap, 1), stride):
+        for left in range(0, max(w - lap, 1), stride):
+            y0, x0 = min(top, max(h - tile, 0)), min(left, max(w - tile, 0))
+            part = fn(x[..., y0 * scale_in:(y0 + tile) * scale_in,
+                        x0 * scale_in:(x0 + tile) * scale_in])
+            if out is None:
+                out = part.new_zeros(*part.shape[:2], h * scale_out, w * scale_out)
+                weight = part.new_zeros(1, 1, h * scale_out, w * scale_out)
+            ph, pw = part.shape[-2:]
+            wgt = _ramp(ph, lap * scale_out)[:, None] * _ramp(pw, lap * scale_out)[None, :]
+            region = (..., slice(y0 * scale_out, y0 * scale_out + ph),
+                      slice(x0 * scale_out, x0 * scale_out + pw))
+            out[region] += part * wgt
+            weight[region] += wgt
+    return out / weight.clamp(min=1e-8)
+
+
+def tile_units(tile_size: int, overlap: int, factor: int) -> tuple[int, int]:
+    """Pixel tile size and overlap -> latent units; the overlap is at most a quarter of the
+    tile (ComfyUI's VAEDecodeTiled rule), so tiles always advance."""
+    tile = max(1, tile_size // factor)
+    return tile, min(overlap // factor, tile // 4)
+
+
+_TILE_OVERLAP = Input("overlap", INT, default=64, min=0, max=4096, step=32)
+
+
 class VAEDecodeTiled(Node):
     schema = NodeSchema(
         name="VAEDecodeTiled", display_name="VAE Decode (Tiled)", category="_for_testing",
         inputs=[
             Input("samples", LATENT), Input("vae", VAE),
             Input("tile_size", INT, default=512, min=64, max=4096, step=32),
-            Input("overlap", INT, default=64, min=0, max=4096, step=32),
+            _TILE_OVERLAP,
             Input("temporal_size", INT, default=64, min=8, max=4096, step=4,
                   tooltip="Only used for video VAEs: frames to decode at a time."),
             Input("temporal_overlap", INT, default=8, min=4, max=4096, step=4,
@@ -104,27 +146,49 @@ class VAEDecodeTiled(Node):
     @classmethod
     def execute(cls, samples, vae, tile_size, overlap, temporal_size=64, temporal_overlap=8):
         """Decode overlapping latent tiles of ``tile_size`` pixels and blend them linearly over
-        ``overlap`` pixels: memory bounded by one tile (the seams are not exactly invisible)."""
+        ``overlap`` pixels (:func:`tiled_map`); one tile covering the latent is the plain
+        decode."""
         z = samples["samples"]
         f = vae.downscale
-        tile, lap = max(1, tile_size // f), min(overlap // f, tile_size // f // 4)
-        h, w = z.shape[-2:]
-        if h <= tile and w <= tile:
+        tile, lap = tile_units(tile_size, overlap, f)
+        if z.shape[-2] <= tile and z.shape[-1] <= tile:
             return (decode_to_pixels(vae, z),)
-        stride = max(1, tile - lap)
-        out = torch.zeros(z.shape[0], h * f, w * f, 3)
-        weight = torch.zeros(1, h * f, w * f, 1)
-        for top in range(0, max(h - lap, 1), stride):
-            for left in range(0, max(w - lap, 1), stride):
-                y0, x0 = min(top, max(h - tile, 0)), min(left, max(w - tile, 0))
-                part = z[..., y0:y0 + tile, x0:x0 + tile]
-                pixels = decode_to_pixels(vae, part)
-                ph, pw = pixels.shape[1:3]
-                wgt = _ramp(ph, lap * f)[:, None] * _ramp(pw, lap * f)[None, :]
-                region = (slice(None), slice(y0 * f, y0 * f + ph), slice(x0 * f, x0 * f + pw))
-                out[region] += pixels * wgt[None, :, :, None]
-                weight[region] += wgt[None, :, :, None]
-        return (out / weight.clamp(min=1e-8),)
+        out = tiled_map(z, lambda part: decode_to_pixels(vae, part).movedim(-1, 1), tile, lap,
+                        1, f)
+        return (out.movedim(1, -1),)
+
+
+class VAEEncodeTiled(Node):
+    schema = NodeSchema(
+        name="VAEEncodeTiled", display_name="VAE Encode (Tiled)", category="_for_testing",
+        inputs=[
+            Input("pixels", IMAGE), Input("vae", VAE),
+            Input("tile_size", INT, default=512, min=64, max=4096, step=64),
+            _TILE_OVERLAP,
+            Input("temporal_size", INT, default=64, min=8, max=4096, step=4,
+                  tooltip="Only used for video VAEs: Amount of frames to encode at a time."),
+            Input("temporal_overlap", INT, default=8, min=4, max=4096, step=4,
+                  tooltip="Only used for video VAEs: Amount of frames to overlap."),
+        ],
+        outputs=[Output(LATENT)],
+    )
+
+    @classmethod
+    def execute(cls, pixels, vae, tile_size, overlap, temporal_size=64, temporal_overlap=8):
+        """Encode overlapping pixel tiles of ``tile_size`` pixels (cropped to a multiple of
+        the VAE factor first, as VAEEncode) and blend their latents linearly over ``overlap``
+        pixels (:func:`tiled_map`, tiles on whole latent pixels); one tile covering the image
+        is the plain encode.  The temporal inputs only matter for video VAEs (none here).
+        ComfyUI's tile grid and blend masks differ in detail, so its tiled latents and these
+        differ slightly at the seams."""
+        pixels = crop_to_multiple(pixels, vae.downscale)
+        f = vae.downscale
+        tile, lap = tile_units(tile_size, overlap, f)
+        if pixels.shape[1] <= tile * f and pixels.shape[2] <= tile * f:
+            return ({"samples": encode_pixels(vae, pixels)},)
+        out = tiled_map(pixels[..., :3].movedim(-1, 1),
+                        lambda part: encode_pixels(vae, part.movedim(1, -1)), tile, lap, f, 1)
+        return ({"samples": out},)
 
 
 class VAEEncodeForInpaint(Node):
@@ -154,4 +218,4 @@ class VAEEncodeForInpaint(Node):
         return ({"samples": latent, "noise_mask": grown.round()},)
 
 
-VAE_NODES = [VAEDecode, VAEEncode, VAEDecodeTiled, VAEEncodeForInpaint]
+VAE_NODES = [VAEDecode, VAEEncode, VAEDecodeTiled, VAEEncodeTiled, VAEEncodeForInpaint]
