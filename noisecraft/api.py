@@ -1,8 +1,11 @@
-"""``generate_image()``: the Python entry point.  It builds a request and calls the engine.
+"""``generate_image()`` and ``sd_upscale_image()``: the Python entry points.  They build a
+request and call the engine (``sd_upscale_image`` through the SD-upscale pipeline, which calls
+the engine once per tile).
 
-    >>> from noisecraft import generate_image
+    >>> from noisecraft import generate_image, sd_upscale_image
     >>> image = generate_image("a red circle", model="sd15.safetensors", seed=42)  # doctest: +SKIP
     >>> image.info["seed"], image.info["parameters"]                               # doctest: +SKIP
+    >>> big = sd_upscale_image(image, "a red circle", model="sd15.safetensors")   # doctest: +SKIP
 
 Each call without ``engine=`` builds a fresh :class:`~noisecraft.engine.Engine` and loads the
 model again; pass one ``Engine`` to keep models loaded (and the compute backend's packed or
@@ -22,6 +25,7 @@ from PIL import Image
 from noisecraft.engine import Engine
 from noisecraft.metadata import PARAMETERS_KEY, SETTINGS_KEY, format_parameters
 from noisecraft.pipelines.common import ProgressCallback
+from noisecraft.pipelines.sd_upscale import LANCZOS, sd_upscale
 from noisecraft.request import (
     CancelToken,
     GeneratedImage,
@@ -36,6 +40,16 @@ def _annotated(g: GeneratedImage) -> Image.Image:
     g.image.info[PARAMETERS_KEY] = format_parameters(g.settings)
     g.image.info[SETTINGS_KEY] = json.dumps(g.settings, sort_keys=True)
     return g.image
+
+
+def _engine(engine: Engine | None, device, dtype, backend: str | None) -> Engine:
+    """``engine``, or a new one on ``device`` / ``dtype`` / ``backend``."""
+    if engine is None:
+        return Engine(device=device, dtype=dtype, backend=backend)
+    if backend is not None and backend != engine.backend.name:
+        raise InputError(f"backend={backend!r} applies to a new engine; the engine passed runs "
+                         f"{engine.backend.name!r} (choose it with Engine(backend=...))")
+    return engine
 
 
 def _control_entry(engine: Engine, entry: Any) -> Any:
@@ -145,11 +159,7 @@ def generate_image(
         PIL image(s); ``image.info`` holds ``seed``, ``parameters`` (A1111 text) and
         ``noisecraft`` (JSON settings).
     """
-    if engine is None:
-        engine = Engine(device=device, dtype=dtype, backend=backend)
-    elif backend is not None and backend != engine.backend.name:
-        raise InputError(f"backend={backend!r} applies to a new engine; the engine passed runs "
-                         f"{engine.backend.name!r} (choose it with Engine(backend=...))")
+    engine = _engine(engine, device, dtype, backend)
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, model=model, steps=steps,
         cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, seed=seed, sampler=sampler,
@@ -165,3 +175,73 @@ def generate_image(
     result = engine.generate(request, callback=callback, cancel=cancel)
     images = [_annotated(g) for g in result.images]
     return images[0] if batch_size == 1 else images
+
+
+def sd_upscale_image(
+    image: ImageInput,
+    prompt: str = "",
+    *,
+    scale: float = 2.0,
+    upscaler: str | os.PathLike = LANCZOS,
+    tile: int | tuple[int, int] | None = None,
+    overlap: int = 64,
+    strength: float = 0.3,
+    negative_prompt: str = "",
+    model: str | None = None,
+    steps: int = 20,
+    cfg_scale: float = 7.0,
+    seed: int | None = None,
+    sampler: str = "euler",
+    scheduler: str = "normal",
+    steps_offset: int | None = None,
+    clip_skip: int | None = None,
+    guidance_rescale: float = 0.0,
+    eta: float | None = None,
+    embeddings_dir: str | os.PathLike | None = None,
+    loras: Sequence[Any] = (),
+    loras_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+    callback: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    engine: Engine | None = None,
+) -> Image.Image:
+    """Tiled diffusion upscaling (AUTOMATIC1111's "SD upscale" script): enlarge ``image``,
+    then re-detail it by img2img tile by tile, the overlapping tiles cross-faded
+    (:func:`noisecraft.pipelines.sd_upscale.sd_upscale`, which this calls).
+
+    Args:
+        image: a path or PIL image.
+        prompt, negative_prompt: for every tile (so describe the style and quality, not the
+            layout: each tile sees only its part of the image).
+        scale: the enlargement factor (each side then rounded to a multiple of 8).
+        upscaler: ``"lanczos"``, an upscaler model file (ESRGAN / Real-ESRGAN ``.pth`` or
+            ``.safetensors``; resized to exactly ``scale`` with Lanczos when its own factor
+            differs), or ``"none"`` (no enlargement, ``scale`` ignored, as A1111's "None").
+        tile: tile size in pixels (``N`` or ``(width, height)``, multiples of 8); None = the
+            model's native size (A1111 uses the img2img width and height).
+        overlap: pixels neighbouring tiles share (a multiple of 8 below the tile size; A1111's
+            default 64).
+        strength: img2img denoising strength of each tile; 0.2-0.4 adds detail and keeps the
+            picture, higher values repaint each tile.
+        model, steps, cfg_scale, seed, sampler, scheduler, steps_offset, clip_skip,
+        guidance_rescale, eta, embeddings_dir, loras, loras_dir, device, dtype, backend,
+        callback, cancel, engine: as :func:`generate_image`; every tile uses ``seed``, and
+            progress events carry the stage ``"tile K/N"``.
+
+    Returns:
+        The upscaled RGB image; ``image.info`` holds ``seed``, ``parameters`` (A1111 text with
+        ``SD upscale overlap`` and ``SD upscale upscaler``; ``Size`` is the tile size, as
+        A1111 writes it) and ``noisecraft`` (JSON settings, with ``sd_upscale``).
+    """
+    engine = _engine(engine, device, dtype, backend)
+    request = GenerationRequest(
+        prompt=prompt, negative_prompt=negative_prompt, model=model, steps=steps,
+        cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, seed=seed, sampler=sampler,
+        scheduler=scheduler, steps_offset=steps_offset, clip_skip=clip_skip,
+        init_image=image, strength=strength, eta=eta, embeddings_dir=embeddings_dir,
+        loras=loras, loras_dir=loras_dir,
+    )
+    return _annotated(sd_upscale(engine, request, scale=scale, upscaler=upscaler, tile=tile,
+                                 overlap=overlap, callback=callback, cancel=cancel))

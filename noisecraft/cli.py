@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
+from noisecraft.cli_common import BACKEND_HELP, Progress, fail, make_engine
 from noisecraft.cli_lora import train_lora
+from noisecraft.cli_upscale import upscale
 
 app = typer.Typer(
     name="noisecraft",
@@ -84,9 +86,6 @@ def toy(
     )
 
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
 def _parse_outpaint(text: str | None) -> tuple[int, int, int, int]:
     if not text:
         return (0, 0, 0, 0)
@@ -141,53 +140,10 @@ def _output_paths(out: Path, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
 
 
-class _Progress:
-    """tqdm bar per stage (step, it/s, ETA), GIF frames and live previews from step events."""
-
-    def __init__(self, engine, bundle, gif: Path | None, preview: Path | None, taesd):
-        self.engine, self.bundle, self.gif, self.preview_dir = engine, bundle, gif, preview
-        self.decoder = engine.preview_decoder(taesd) if taesd else None
-        self.frames: list = []
-        self.bar, self.stage = None, None
-
-    def __call__(self, event) -> None:
-        from tqdm import tqdm
-
-        if event.stage != self.stage:
-            self.close()
-            self.stage = event.stage
-            self.bar = tqdm(total=event.total, desc=event.stage, unit="step")
-        self.bar.update(1)
-        if self.gif is None and self.preview_dir is None:
-            return
-        frame = self.engine.preview(self.bundle, event.x0[:1], self.decoder)[0]
-        if self.gif is not None:
-            self.frames.append(frame)
-        if self.preview_dir is not None:
-            from noisecraft.metadata import save_png
-
-            save_png(frame, self.preview_dir / "preview.png", None)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def write_gif(self) -> None:
-        if self.gif is not None and self.frames:
-            self.gif.parent.mkdir(parents=True, exist_ok=True)
-            self.frames[0].save(self.gif, save_all=True, append_images=self.frames[1:],
-                                duration=120, loop=0)
-
-
 def _engine_names(ctx: typer.Context) -> tuple[str, ...]:
     """Model/ControlNet names on an engine handed in via ``ctx.obj`` (a new one has none)."""
     engine = (ctx.obj or {}).get("engine")
     return (*engine.cached_models, *engine.cached_controlnets) if engine is not None else ()
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -243,9 +199,6 @@ def generate(
     ] = None,
 ) -> None:
     """Generate images: txt2img, img2img (--init), inpaint (--mask), outpaint, hires fix."""
-    import torch
-
-    from noisecraft.engine import Engine
     from noisecraft.metadata import read_settings, save_png
     from noisecraft.request import GenerationRequest, InputError
     from noisecraft.settings_paths import resolve_settings_paths
@@ -253,8 +206,6 @@ def generate(
     try:
         if output.suffix.lower() != ".png":
             raise InputError(f"-o must name a .png file (it carries the settings), got {output}")
-        if dtype not in _DTYPES:
-            raise InputError(f"unknown dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
         if from_image is not None:
             overrides = {"model": model} if model is not None else {}
             settings = resolve_settings_paths(read_settings(from_image), from_image,
@@ -276,23 +227,20 @@ def generate(
                 embeddings_dir=embeddings,
                 loras=tuple(_parse_lora(spec) for spec in lora or ()), loras_dir=loras_dir,
             )
-        engine = (ctx.obj or {}).get("engine") or Engine(
-            device=device, dtype=getattr(torch, _DTYPES[dtype]), backend=backend)
-        progress = _Progress(engine, engine.model(request.model), gif, preview, taesd)
+        engine = make_engine(ctx, device, dtype, backend)
+        progress = Progress(engine, engine.model(request.model), gif, preview, taesd)
         try:
             result = engine.generate(request, callback=progress)
         finally:
             progress.close()
     except (ValueError, FileNotFoundError, typer.BadParameter) as e:
-        _fail(str(e))
+        fail(str(e))
     for path, item in zip(_output_paths(output, len(result.images)), result.images, strict=True):
         save_png(item.image, path, item.settings)
         typer.echo(f"{path}  seed {item.seed}")
     progress.write_gif()
 
 
-BACKEND_HELP = ("Compute backend: onednn (default on CPU, float32-exact), eager, compiled, "
-                "openvino, or *_bf16 of these (see noisecraft.backends).")
 QUEUE_HELP = "Job queue: sqlite (queue.db in the data folder) or redis (workers anywhere)."
 REDIS_URL_HELP = "Redis of --queue redis: redis://[:PASSWORD@]HOST:PORT/DB."
 
@@ -406,11 +354,12 @@ def train(
         )
         result = t.train(config)
     except (DatasetError, ValueError, FileExistsError) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"step {result.step}: {result.model_path or 'unfinished; run again to resume'}")
 
 
 app.command("train-lora")(train_lora)
+app.command()(upscale)
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -477,9 +426,9 @@ def run(
                             context=context, overrides=_parse_sets(sets or []),
                             on_event=on_event)
     except PromptValidationError as e:
-        _fail(f"the workflow is not valid; nothing ran:\n{e}")
+        fail(f"the workflow is not valid; nothing ran:\n{e}")
     except (WorkflowFormatError, KeyError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     except NodeExecutionError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

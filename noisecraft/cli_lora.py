@@ -59,7 +59,7 @@ def train_lora(
     """Fine-tune a LoRA on captioned images; writes a kohya-format LoRA file (what the
     project's LoRA loader, AUTOMATIC1111 and ComfyUI apply)."""
     from noisecraft.checkpoints.files import CheckpointError
-    from noisecraft.cli import _fail
+    from noisecraft.cli_common import fail
     from noisecraft.training import lora_network as ln
     from noisecraft.training import lora_train as lt
     from noisecraft.training.datasets import DatasetError
@@ -82,5 +82,5 @@ def train_lora(
         )
         result = lt.train_lora(config)
     except (CheckpointError, DatasetError, ValueError, FileExistsError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"step {result.step}: {result.model_path or 'unfinished; run again to resume'}")

@@ -70,6 +70,16 @@ A1111_SCHEDULERS = {
     "linspace": "Uniform",
 }
 
+# SD upscale's upscaler value (noisecraft.pipelines.sd_upscale) -> AUTOMATIC1111 upscaler name;
+# a model file is named by its stem, as A1111 names the files in models/ESRGAN
+A1111_UPSCALERS = {"none": "None", "lanczos": "Lanczos"}
+
+
+def upscaler_label(upscaler: str | os.PathLike) -> str:
+    """AUTOMATIC1111's name of an SD-upscale upscaler: ``None``, ``Lanczos`` or the file's stem."""
+    value = os.fspath(upscaler)
+    return A1111_UPSCALERS.get(value) or Path(value).stem
+
 
 def _inverse(table: Mapping[str, str]) -> dict[str, str]:
     return {v.lower(): k for k, v in table.items()}
@@ -120,6 +130,20 @@ def lora_hashes_text(hashes: Mapping[str, str] | None) -> str:
     return ", ".join(f"{name}: {h}" for name, h in (hashes or {}).items())
 
 
+def extra_parameters(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A1111's ``extra_generation_params`` of these settings: the SD upscale script's overlap
+    and upscaler, and ``Lora hashes`` (only those that apply)."""
+    out: dict[str, Any] = {}
+    upscale = settings.get("sd_upscale")
+    if upscale:
+        out["SD upscale overlap"] = upscale.get("overlap")
+        out["SD upscale upscaler"] = upscaler_label(upscale.get("upscaler", ""))
+    hashes = lora_hashes_text(settings.get("lora_hashes"))
+    if hashes:
+        out["Lora hashes"] = hashes
+    return out
+
+
 def format_parameters(settings: Mapping[str, Any]) -> str:
     """AUTOMATIC1111's ``parameters`` text from a settings mapping (noisecraft field names)."""
     lines = [str(settings.get("prompt", ""))]
@@ -136,7 +160,7 @@ def format_parameters(settings: Mapping[str, Any]) -> str:
         ("Model", settings.get("model_name")),
         ("Denoising strength", settings.get("strength") if settings.get("init_image") else None),
         ("Clip skip", settings.get("clip_skip") if settings.get("clip_skip", 1) != 1 else None),
-        ("Lora hashes", lora_hashes_text(settings.get("lora_hashes")) or None),
+        *extra_parameters(settings).items(),
         ("Version", f"noisecraft {settings['version']}" if settings.get("version") else None),
     ]
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields if v not in (None, "")))

@@ -1,8 +1,10 @@
 """SD upscale on a tiny SD1 checkpoint: output size, every tile an ordinary engine img2img, and
-the tiles cross-faded (no tile edge shows as a hard step) against a hard-pasted reference."""
+the tiles cross-faded (no tile edge shows as a hard step) against a hard-pasted reference;
+``sd_upscale_image`` (the Python API) is the pipeline plus A1111 metadata."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from noisecraft import sd_upscale_image
 from noisecraft.engine import Engine
 from noisecraft.pipelines.sd_upscale import sd_upscale, upscale_image
 from noisecraft.request import GenerationRequest, InputError
@@ -36,8 +39,8 @@ def _tile(engine, request, big, x):
 def test_tiles_are_engine_img2img_runs_cross_faded(setup):
     engine, request = setup
     out = sd_upscale(engine, request, scale=2, tile=32, overlap=16)  # x tiles at 0, 16, 32
-    assert out.size == (64, 32) and out.info["seed"] == 3
-    o = np.asarray(out, np.float32)
+    assert out.image.size == (64, 32) and out.seed == 3
+    o = np.asarray(out.image, np.float32)
     big = upscale_image(request.init_image, 2)
     a, b, c = (_tile(engine, request, big, x) for x in (0, 16, 32))
     # outer quarter of an overlap (4 px) has weight 0: where tile b starts, only tile a shows
@@ -55,7 +58,7 @@ def test_tiles_are_engine_img2img_runs_cross_faded(setup):
     for col, own in ((16, a[:, 16] - a[:, 15]), (32, b[:, 16] - b[:, 15]),
                      (48, c[:, 16] - c[:, 15])):
         np.testing.assert_allclose(o[:, col] - o[:, col - 1], own, atol=1.0)
-    hard = np.asarray(sd_upscale(engine, request, scale=2, tile=32, overlap=0), np.float32)
+    hard = np.asarray(sd_upscale(engine, request, scale=2, tile=32, overlap=0).image, np.float32)
     np.testing.assert_allclose(hard, np.concatenate([a, c], axis=1), atol=0.5)
     assert np.abs((hard[:, 32] - hard[:, 31]) - (o[:, 32] - o[:, 31])).max() > 5
 
@@ -70,3 +73,32 @@ def test_bad_settings_teach(setup):
         sd_upscale(engine, replace(request, init_image=None))
     with pytest.raises(InputError, match="does not exist"):
         sd_upscale(engine, request, upscaler="/nonexistent/4x.pth")
+    with pytest.raises(InputError, match="scale must be a number > 0"):
+        sd_upscale(engine, request, scale=0, tile=32, overlap=8)
+    with pytest.raises(InputError, match=r"tile \(32x16\) must be larger than overlap \(16\)"):
+        sd_upscale(engine, request, tile=(32, 16), overlap=16)
+
+
+def test_sd_upscale_image_is_the_pipeline_plus_metadata(setup):
+    engine, request = setup
+    stages = []
+    direct = sd_upscale(engine, request, scale=1.5, tile=(32, 24), overlap=8,
+                        callback=lambda e: stages.append(e.stage))
+    assert direct.image.size == (48, 24)  # 32x16 * 1.5; x tiles at 0 and 16, one row
+    assert sorted(set(stages)) == ["tile 1/2", "tile 2/2"]
+    image = sd_upscale_image(request.init_image, "a red cat", model=request.model, scale=1.5,
+                             tile=(32, 24), overlap=8, strength=0.5, steps=2, seed=3,
+                             engine=engine)
+    assert np.array_equal(np.asarray(image), np.asarray(direct.image))
+    assert image.info["seed"] == 3
+    text = image.info["parameters"]
+    assert text.startswith("a red cat\nSteps: 2, Sampler: Euler, ")
+    assert "Size: 32x24" in text and "Denoising strength: 0.5" in text  # A1111: Size = tile
+    assert "SD upscale overlap: 8, SD upscale upscaler: Lanczos, Version: " in text
+    settings = json.loads(image.info["noisecraft"])
+    assert settings["sd_upscale"] == {"scale": 1.5, "upscaler": "lanczos", "tile": [32, 24],
+                                      "overlap": 8}
+    same = sd_upscale_image(request.init_image, "a red cat", model=request.model,
+                            upscaler="none", scale=3, tile=32, overlap=0, strength=0.5,
+                            steps=2, seed=3, engine=engine)
+    assert same.size == (32, 16) and "SD upscale upscaler: None" in same.info["parameters"]

@@ -4,8 +4,10 @@ txt2img and img2img are synchronous, as in A1111: the route builds a
 :class:`~noisecraft.request.GenerationRequest` (A1111 names -> noisecraft's via
 :mod:`noisecraft.metadata`), enqueues it, waits for a worker to finish it and answers with
 base64 PNGs that carry the ``parameters`` chunk.  Fields noisecraft does not implement
-(``restore_faces``, ``tiling``, scripts, ...) are accepted and ignored, as A1111 ignores
-scripts it does not have; wrong types and values are refused with a 4xx saying which field.
+(``restore_faces``, ``tiling``, ...) are accepted and ignored; wrong types and values are
+refused with a 4xx saying which field.  Of the selectable scripts (``script_name``), img2img
+has "SD upscale" (:mod:`noisecraft.server.a1111_scripts`); another name is a 422, as A1111
+answers for a script it does not have.
 The ControlNet extension's ``alwayson_scripts.controlnet.args`` units are run
 (:func:`_controlnets`).  ``<lora:NAME:WEIGHT>`` tags in the prompt and negative prompt apply
 the LoRA ``NAME`` from ``models/loras`` (the names ``GET /loras`` lists), as A1111's built-in
@@ -28,14 +30,21 @@ from noisecraft.metadata import (
     A1111_SAMPLERS,
     A1111_SCHEDULERS,
     PARAMETERS_KEY,
+    extra_parameters,
     format_parameters,
-    lora_hashes_text,
     parse_parameters,
     sampler_from_a1111,
     scheduler_from_a1111,
 )
 from noisecraft.models_folder import ModelFolderError, ModelFolders
 from noisecraft.request import CONTROL_PREPROCESSORS
+from noisecraft.server.a1111_scripts import (
+    IMG2IMG_SCRIPTS,
+    SD_UPSCALE,
+    sd_upscale_spec,
+    selected_script,
+    upscalers,
+)
 from noisecraft.server.generate import b64, build_payload, check_model, output_images, run_job
 from noisecraft.server.inpaint_area import FILLS
 from noisecraft.server.security import RequestError, decode_image, read_json
@@ -168,11 +177,6 @@ def _overrides(body: dict) -> dict:
     return value
 
 
-def _extra_params(settings: dict[str, Any]) -> dict[str, Any]:
-    hashes = lora_hashes_text(settings.get("lora_hashes"))
-    return {"Lora hashes": hashes} if hashes else {}
-
-
 async def _answer(state, body: dict, payload: dict) -> dict[str, Any]:
     job = await run_job(state, payload)
     pngs = await run_in_threadpool(output_images, state, job)
@@ -192,7 +196,7 @@ async def _answer(state, body: dict, payload: dict) -> dict[str, Any]:
         "sd_model_name": first.get("model_name"), "sd_model_hash": first.get("model_hash"),
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": body.get("denoising_strength"),
-        "extra_generation_params": _extra_params(first), "index_of_first_image": 0,
+        "extra_generation_params": extra_parameters(first), "index_of_first_image": 0,
         "infotexts": texts,
         "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
         "is_using_inpainting_conditioning": False, "version": f"noisecraft {__version__}",
@@ -206,6 +210,7 @@ async def _answer(state, body: dict, payload: dict) -> dict[str, Any]:
 async def txt2img(request: Request):
     state = request.app.state.noisecraft
     body = await read_json(request, "txt2img body")
+    selected_script(body, ())  # txt2img has no selectable scripts here
     settings = await _settings(state, body, _overrides(body))
     if _get(body, "enable_hr", bool, False):
         scale = _get(body, "hr_scale", float, 2.0)
@@ -230,6 +235,7 @@ async def img2img(request: Request):
     if not isinstance(init_images, list) or not init_images:
         raise RequestError("init_images must be a list with at least one base64 image",
                            status=422)
+    script = selected_script(body, IMG2IMG_SCRIPTS)
     settings = await _settings(state, body, _overrides(body))
     settings["strength"] = _get(body, "denoising_strength", float, 0.75)
     settings["mask_blur"] = _get(body, "mask_blur", int, 4)
@@ -250,10 +256,27 @@ async def img2img(request: Request):
             "full_res": bool(_get(body, "inpaint_full_res", (bool, int), False)),
             "invert": bool(_get(body, "inpainting_mask_invert", (bool, int), 0)),
         }
+    if script == SD_UPSCALE:
+        payload_extra["sd_upscale"] = await run_in_threadpool(
+            _sd_upscale, state, body, settings, images)
     kind = "output" if _get(body, "save_images", bool, False) else "temp"
     payload = await run_in_threadpool(build_payload, state, settings, images, kind, "img2img")
     payload.update(payload_extra)
     return await _answer(state, body, payload)
+
+
+def _sd_upscale(state, body: dict, settings: dict, images: dict) -> dict[str, Any]:
+    """The SD upscale script's job entry; its requests are one image, unmasked."""
+    if "mask" in images:
+        raise RequestError(f"{SD_UPSCALE} takes no mask (it re-details the whole image)",
+                           status=422)
+    if _get(body, "n_iter", int, 1) != 1:
+        raise RequestError(f"{SD_UPSCALE} makes one image per request here; send n_iter 1",
+                           status=422)
+    settings["batch_size"] = 1  # A1111's batch_size only groups the tiles
+    return sd_upscale_spec(state.folders.root, body.get("script_args"), images["init_image"],
+                           (settings["width"], settings["height"]),
+                           state.config.limits.max_image_pixels)
 
 
 @router.get("/options")
@@ -320,7 +343,14 @@ async def loras(request: Request):
 
 @router.get("/scripts")
 async def scripts():
-    return {"txt2img": [], "img2img": []}
+    return {"txt2img": [], "img2img": [name.lower() for name in IMG2IMG_SCRIPTS]}
+
+
+@router.get("/upscalers")
+async def get_upscalers(request: Request):
+    root = request.app.state.noisecraft.folders.root
+    entries = await run_in_threadpool(upscalers, root)
+    return [{k: v for k, v in e.items() if k != "value"} for e in entries]
 
 
 @router.get("/progress")

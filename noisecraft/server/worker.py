@@ -12,7 +12,9 @@ Job kinds and their payloads (plain JSON):
   "relative/path/in/input.png", "mask": ...}, "save": {"type": "output" | "temp",
   "prefix": "noisecraft"}}`` (LoRAs are names in ``models/loras``, resolved here by
   :func:`~noisecraft.loras.confine_loras`); the result's ``outputs`` is ``{"images":
-  [{"filename", "subfolder", "type"}]}`` plus ``seeds``.
+  [{"filename", "subfolder", "type"}]}`` plus ``seeds``.  With ``"sd_upscale": {"scale",
+  "upscaler", "tile", "overlap"}`` (:mod:`noisecraft.server.a1111_scripts`) the request runs
+  through :func:`~noisecraft.pipelines.sd_upscale.sd_upscale` instead of one engine call.
 * ``workflow``: ``{"prompt": API-format prompt, "extra_data": {...}}``, run by the graph
   :class:`~noisecraft.graph.Executor`; the result holds ComfyUI's history ``outputs``.
 """
@@ -254,10 +256,10 @@ class Worker:
             from noisecraft.server.inpaint_area import prepare
 
             request, finish = prepare(request, payload["inpaint"])
-        result = self.engine.generate(request, callback=on_step, cancel=cancel)
+        generated = self._run(request, payload, on_step, cancel)
         prefix = str(save.get("prefix", "noisecraft"))
         images, files = [], []
-        for i, g in enumerate(result.images):
+        for i, g in enumerate(generated):
             name = f"{prefix}_{job.id[:8]}_{job.attempt}_{i:02d}.png"
             image = finish(g.image) if finish else g.image
             files.append(save_png(image, folder / name, g.settings))
@@ -266,8 +268,20 @@ class Worker:
         emit("executed", {"node": "generate", "output": outputs["generate"], "prompt_id": job.id})
         emit("executing", {"node": None, "prompt_id": job.id})
         emit("execution_success", {"prompt_id": job.id})
-        info = [g.settings for g in result.images]
-        return SUCCESS, {"outputs": outputs, "seeds": result.seeds, "info": info}, files
+        info = [g.settings for g in generated]
+        return SUCCESS, {"outputs": outputs, "seeds": [g.seed for g in generated],
+                         "info": info}, files
+
+    def _run(self, request: GenerationRequest, payload: dict[str, Any], on_step,
+             cancel: CancelToken) -> list:
+        """The request's images: one engine call, or the SD upscale pipeline's tiles."""
+        if payload.get("sd_upscale"):
+            from noisecraft.pipelines.sd_upscale import sd_upscale
+            from noisecraft.server.a1111_scripts import pipeline_args
+
+            args = pipeline_args(payload["sd_upscale"], self.folders.root)
+            return [sd_upscale(self.engine, request, callback=on_step, cancel=cancel, **args)]
+        return list(self.engine.generate(request, callback=on_step, cancel=cancel).images)
 
     def _workflow(self, job: Job, cancel: CancelToken, emit):
         context = ExecutionContext(

@@ -84,3 +84,47 @@ def test_bad_a1111_requests_are_4xx(server):
     assert r.status_code == 400 and "base64" in r.json()["detail"]
     r = httpx.post(url + "/png-info", json={"image": "aGVsbG8="})
     assert r.status_code == 400 and "not a readable image" in r.json()["detail"]
+
+
+def test_img2img_sd_upscale_script_is_the_python_api(api, server):
+    """A1111's "SD upscale" script (script_args [info, overlap, upscaler_index, scale_factor],
+    tile = width x height) gives the image sd_upscale_image gives with the same settings."""
+    import numpy as np
+    import torch
+
+    from noisecraft import sd_upscale_image
+    from noisecraft.engine import Engine
+
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos"]
+    assert "sd upscale" in api.get_scripts()["img2img"]
+    api.set_options({"sd_model_checkpoint": MODEL})
+    yy, xx = np.mgrid[0:16, 0:32]
+    init = Image.fromarray(np.stack([xx * 8, yy * 16, (xx + yy) * 5], -1).astype(np.uint8))
+    result = api.img2img(images=[init], prompt="a red cat", seed=3, steps=2, width=32,
+                         height=24, cfg_scale=7, denoising_strength=0.5, sampler_name="Euler",
+                         script_name="sd Upscale", script_args=["", 8, 1, 2])
+    assert result.image.size == (64, 32)
+    text = result.image.info["parameters"]
+    assert "Size: 32x24" in text and "SD upscale overlap: 8, SD upscale upscaler: Lanczos" in text
+    assert result.info["extra_generation_params"]["SD upscale upscaler"] == "Lanczos"
+    torch.set_num_threads(1)  # as the server's worker (OMP_NUM_THREADS=1)
+    want = sd_upscale_image(init, "a red cat", model=str(server.data_dir / "models" /
+                                                         "checkpoints" / MODEL),
+                            scale=2, upscaler="lanczos", tile=(32, 24), overlap=8, strength=0.5,
+                            steps=2, cfg_scale=7, seed=3, sampler="euler",
+                            engine=Engine(device="cpu"))
+    diff = np.abs(np.asarray(result.image.convert("RGB"), np.int16) - np.asarray(want, np.int16))
+    assert diff.max() <= 1  # two processes: float rounding may move a value by one level
+
+
+def test_bad_sd_upscale_requests_are_422(server):
+    url = server.url + "/sdapi/v1/img2img"
+    init = webuiapi.b64_img(Image.new("RGB", (32, 32)))
+    body = {"init_images": [init], "width": 32, "height": 32, "script_name": "SD upscale"}
+    for args, message in (([None, 32, 1, 2], "tile (32) must be larger than overlap (32)"),
+                          ([None, 8, 9, 2], "is not an upscaler"),
+                          ([None, 8, "lanczos", 0], "scale must be a number > 0")):
+        r = httpx.post(url, json={**body, "script_args": args})
+        assert r.status_code == 422 and message in r.json()["detail"], r.text
+    r = httpx.post(url, json={**body, "script_name": "Loopback"})
+    assert r.status_code == 422 and "Script 'Loopback' not found" in r.json()["detail"]
