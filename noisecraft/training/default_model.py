@@ -254,15 +254,25 @@ def _with_rgb_factors(src: Path, vae_config, fmt, n: int = 256):
     return replace(fmt, rgb_factors=factors, rgb_bias=bias)
 
 
-def export_default_model(root: str | Path = "runs/default", out: str | Path | None = None) -> Path:
-    """Write the finished model in float16 (loaders upcast), checking the 40 MB budget."""
+def export_default_model(root: str | Path = "runs/default", out: str | Path | None = None,
+                         *, stage: str | None = None) -> Path:
+    """Write a finished model in float16 (loaders upcast), checking the 40 MB budget.
+
+    ``stage`` ("diffusion" or "vpred") picks whose model file; None: the last stage (in
+    ``STAGES`` order) that has one."""
     import torch
     from safetensors.torch import load_file
 
     from noisecraft.training import state as ckpt
     from noisecraft.training.trainer import MODEL_FILE
 
-    src = Path(root) / STAGE_DIRS[STAGES[-1]] / MODEL_FILE
+    model_stages = [s for s in STAGES if s != "vae"]
+    if stage is not None and stage not in model_stages:
+        raise ValueError(f"stage={stage!r}; the stages with a model file are "
+                         f"{', '.join(model_stages)}")
+    candidates = [stage] if stage is not None else model_stages[::-1]
+    found = [Path(root) / STAGE_DIRS[s] / MODEL_FILE for s in candidates]
+    src = next((p for p in found if p.exists()), found[-1])
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist yet: finish training first "
                                 "(scripts/train_default_model.sh)")
