@@ -318,7 +318,8 @@ def run_training(config, env: DistEnv, progress: ProgressCallback | None,
     step to ``run.steps`` (or ``run.stop_after`` steps), writing metrics, samples and
     checkpoints at their intervals; a last checkpoint always, and the export when finished."""
     run = config.run
-    resuming = prepare_run_dir(run, ckpt.to_json(config), env)
+    resuming = prepare_run_dir(run, ckpt.to_json(config), env,
+                               defaults=ckpt.field_defaults(config))
     r = make_run(config, env)
     last = ckpt.latest_checkpoint(run.out_dir) if resuming else None
     if last is not None:

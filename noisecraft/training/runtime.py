@@ -205,11 +205,14 @@ def load_batch(dataset, seed: int, start: int, n: int) -> tuple[torch.Tensor, li
 # ----------------------------------------------------------------------------- run directory
 
 
-def prepare_run_dir(run: RunConfig, config_json: str, env: DistEnv) -> bool:
+def prepare_run_dir(run: RunConfig, config_json: str, env: DistEnv,
+                    defaults: dict | None = None) -> bool:
     """Create ``run.out_dir`` and record the config; True when there is a checkpoint to resume.
 
     Refuses (with the way out) to resume a run whose recorded config differs, or to start over
-    in a directory that has checkpoints when ``resume`` is off.
+    in a directory that has checkpoints when ``resume`` is off. A setting the recorded config
+    lacks (the run predates it) counts as its default from ``defaults``
+    (``state.field_defaults(config)``), so new options do not strand older runs.
     """
     import json
 
@@ -227,7 +230,7 @@ def prepare_run_dir(run: RunConfig, config_json: str, env: DistEnv) -> bool:
         before, now = json.loads(recorded.read_text()), json.loads(config_json)
         ignore = {"steps", "stop_after", "resume", "out_dir", "checkpoint_every", "sample_every",
                   "log_every", "keep_checkpoints"}
-        diff = sorted(_config_diff(before, now, ignore))
+        diff = sorted(_config_diff(before, now, ignore, defaults=defaults or {}))
         if diff:
             raise ValueError(
                 f"cannot resume {out}: its config differs from this one in {', '.join(diff)}; "
@@ -242,15 +245,27 @@ def prepare_run_dir(run: RunConfig, config_json: str, env: DistEnv) -> bool:
     return ckpt is not None
 
 
-def _config_diff(a, b, ignore: set[str], path: str = "") -> list[str]:
+def _config_diff(a, b, ignore: set[str], path: str = "", defaults=None) -> list[str]:
+    """Dotted paths where recorded ``a`` and current ``b`` differ; a key ``a`` lacks is read
+    as its value in ``defaults`` (same shape) when that has one."""
+    defaults = defaults if isinstance(defaults, dict) else {}
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b)):
             if key in ignore:
                 continue
-            out += _config_diff(a.get(key), b.get(key), ignore, f"{path}{key}.")
+            old = a[key] if key in a else _default_of(defaults, key, b.get(key))
+            out += _config_diff(old, b.get(key), ignore, f"{path}{key}.", defaults.get(key))
         return out
     return [] if a == b else [path.rstrip(".")]
+
+
+def _default_of(defaults: dict, key: str, current):
+    """What a config recorded without ``key`` meant: its default (a nested config: {} so each
+    of its fields is read as its default in turn), else None."""
+    if key not in defaults:
+        return None
+    return {} if isinstance(defaults[key], dict) and isinstance(current, dict) else defaults[key]
 
 
 # ----------------------------------------------------------------------------- processes

@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 from collections.abc import Mapping
-from dataclasses import asdict, is_dataclass
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,21 @@ def to_json(value: Any) -> str:
     if is_dataclass(value) and not isinstance(value, type):
         value = asdict(value)
     return json.dumps(value, sort_keys=True, default=str)
+
+
+def field_defaults(config: Any) -> dict[str, Any]:
+    """The JSON default of every field of a (nested) dataclass config that has one, shaped like
+    ``json.loads(to_json(config))``: what a config recorded before a field existed meant."""
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value) and not isinstance(value, type):
+            out[f.name] = field_defaults(value)
+        elif f.default is not MISSING:
+            out[f.name] = json.loads(to_json(f.default))
+        elif f.default_factory is not MISSING:
+            out[f.name] = json.loads(to_json(f.default_factory()))
+    return out
 
 
 def atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]):

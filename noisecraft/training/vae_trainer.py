@@ -154,7 +154,8 @@ def train_vae(config: VAETrainConfig, *, progress: ProgressCallback | None = Non
               ) -> VAETrainResult:
     """Train (or resume) a VAE run; see the module docstring.  Single process."""
     run, optim, env = config.run, config.optim, DistEnv()
-    resuming = prepare_run_dir(run, ckpt.to_json(config), env)
+    resuming = prepare_run_dir(run, ckpt.to_json(config), env,
+                               defaults=ckpt.field_defaults(config))
     torch.manual_seed(run.seed)
     vae = AutoencoderKL(config.vae)
     if config.init_weights is not None and not resuming:

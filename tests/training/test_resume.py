@@ -57,3 +57,22 @@ def test_resume_refuses_to_overwrite_or_change(tmp_path):
         **{**cfg.optim.__dict__, "lr": 1e-4})})
     with pytest.raises(ValueError, match="optim.lr"):
         train(changed, progress=quiet)
+
+
+def test_a_run_recorded_before_a_new_option_resumes_at_its_default(tmp_path):
+    """A config.json without a setting (the run predates it) means that setting's default:
+    the run resumes; asking for another value on resume is still refused by name."""
+    import json
+    from dataclasses import replace
+
+    config = tiny_config(tmp_path / "run", steps=4)
+    train(replace(config, run=replace(config.run, stop_after=2)), progress=quiet)
+    recorded = tmp_path / "run" / "config.json"
+    old = json.loads(recorded.read_text())
+    del old["optim"]["text_lr_scale"], old["objective"]["zero_terminal_snr"]
+    del old["model"]["init_weights"]
+    recorded.write_text(json.dumps(old))
+    changed = replace(config, optim=replace(config.optim, text_lr_scale=2.0))
+    with pytest.raises(ValueError, match="optim.text_lr_scale"):
+        train(changed, progress=quiet)
+    assert train(config, progress=quiet).step == 4
