@@ -82,7 +82,6 @@ VPRED_TEXT_LR_SCALE = 5.0
 """The text encoder at 5x the U-Net's lr in stage 3: after stage 2 it barely told "white"
 from "blue" (its states for the two differed by 0.4%), having never needed to."""
 STAGES = ("vae", "diffusion", "vpred")
-STAGE_DIRS = {"vae": "vae", "diffusion": "diffusion", "vpred": "vpred"}
 
 
 def vae_stage(root: Path) -> VAETrainConfig:
@@ -158,7 +157,7 @@ def stage_done(root: Path, stage: str) -> bool:
         from noisecraft.training.state import read_metadata
         from noisecraft.training.trainer import MODEL_FILE
 
-        path = root / STAGE_DIRS[stage] / MODEL_FILE
+        path = root / stage / MODEL_FILE
         if not path.exists():
             return False
         step = (read_metadata(path).get("noisecraft.training") or {}).get("step")
@@ -271,7 +270,7 @@ def export_default_model(root: str | Path = "runs/default", out: str | Path | No
         raise ValueError(f"stage={stage!r}; the stages with a model file are "
                          f"{', '.join(model_stages)}")
     candidates = [stage] if stage is not None else model_stages[::-1]
-    found = [Path(root) / STAGE_DIRS[s] / MODEL_FILE for s in candidates]
+    found = [Path(root) / s / MODEL_FILE for s in candidates]
     src = next((p for p in found if p.exists()), found[-1])
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist yet: finish training first "

@@ -115,15 +115,15 @@ class TextToImage(nn.Module):
         return self.unet(x_in, timesteps, context)
 
 
-def param_groups(model: TextToImage, optim: OptimConfig) -> list[dict]:
-    """The trainable parameters as AdamW groups: the U-Net's (and anything else) at the
+def param_groups(text_encoder: nn.Module, trainable: list[nn.Parameter], optim: OptimConfig
+                 ) -> list[dict]:
+    """``trainable`` as AdamW groups: the U-Net's (and anything else) at the
     scheduled lr, the text encoder's at ``optim.text_lr_scale`` times it. A text encoder trained
     from scratch next to a U-Net learns its token embeddings far slower than the U-Net learns
     to denoise (each Adam step moves a weight by about lr), so a from-scratch model may want a
     larger text lr; empty groups are left out. At scale 1, one group (as checkpoints written
     before the option hold, so they still resume)."""
-    text = {id(p) for p in model.text.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    text = {id(p) for p in text_encoder.parameters()}
     if optim.text_lr_scale == 1.0:
         return [{"params": trainable}]
     groups = [{"params": [p for p in trainable if id(p) not in text], "lr_scale": 1.0},
@@ -202,7 +202,8 @@ class DiffusionRun(ABC):
         self.config, self.env, self.model, self.trained = config, env, model, trained
         self.vae, self.latent, self.schedule, self.objective = vae, latent, schedule, objective
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(param_groups(model, config.optim), config.optim)
+        self.opt = make_optimizer(param_groups(model.text, self.trainable, config.optim),
+                                  config.optim)
         self.ema = EMA(model, config.optim.ema_decay) if config.optim.ema_decay else None
         self.gen = torch.Generator().manual_seed(config.run.seed * 1000 + env.rank + 1)
         self.dataset = open_dataset(config.data)

@@ -47,6 +47,7 @@ from noisecraft.training.runtime import (
     prepare_run_dir,
     progress_reporter,
     resolve_precision,
+    set_lr,
 )
 
 VAE_FILE = "vae.safetensors"
@@ -183,8 +184,7 @@ def train_vae(config: VAETrainConfig, *, progress: ProgressCallback | None = Non
     with progress_reporter(progress, env, step, run.steps, "vae") as report:
         while step < end:
             lr = lr_at(step, optim)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_lr(opt, lr)
             total, parts = 0.0, {"l1": 0.0, "l2": 0.0, "kl": 0.0}
             for _ in range(optim.grad_accum):
                 images, _ = load_batch(dataset, config.data.seed, seen, optim.batch_size)
