@@ -39,7 +39,7 @@ def test_files_are_loaded_once_and_evicted_least_recently_used(tmp_path):
 
 
 def _bytes(bundle):
-    from noisecraft.engine import bundle_bytes
+    from noisecraft.model_cache import bundle_bytes
 
     return bundle_bytes(bundle)
 
