@@ -13,11 +13,12 @@ One optimiser step (Ho et al. 2020, Alg. 1, in the sigma notation of ``diffusion
     x0 = images (pixel) | latent_format.process_in(VAE.encode(images).sample())   (latent)
     t ~ U{0 .. T-1};  sigma = schedule.sigmas[t];  noise ~ N(0, I)
     output = unet(x0 + sigma * noise) / sqrt(1 + sigma^2), t, text_encoder(captions))
-    loss = mean_b  w(sigma_b) * mean((output - target)^2)
+    loss = mean_b  w(sigma_b) * mean(m * (output - target)^2)
 
-with ``target`` the eps or v of ``diffusion.training_target`` and ``w`` 1 or the min-SNR-gamma
-weight (Hang et al. 2023).  AdamW with linear warm-up, gradient accumulation, clipping and an
-optional EMA of the trained weights (``runtime.py``, ``ema.py``).  Checkpoints and exact resume:
+with ``target`` the eps or v of ``diffusion.training_target``, ``w`` 1 or the min-SNR-gamma
+weight (Hang et al. 2023) and ``m`` 1 or the foreground weights of ``weighting.py``.
+AdamW with linear warm-up, gradient accumulation, clipping and an optional EMA of the trained
+weights (``runtime.py``, ``ema.py``).  Checkpoints and exact resume:
 ``state.py``.  Data-parallel: under ``torchrun --nproc_per_node N`` (DDP, gloo on CPU) each
 process takes its share of every batch and only process 0 writes files.
 """
@@ -61,6 +62,7 @@ from noisecraft.training.runtime import (
     resolve_precision,
     set_lr,
 )
+from noisecraft.training.weighting import foreground_weights
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,12 @@ class ObjectiveConfig:
     is) from the initial noise rather than from the prompt - at sampling time that "signal"
     is the seed's, so the prompt loses. It needs ``prediction="v"`` (eps says nothing about
     the image at zero SNR). Models trained with it record it in their family, and samplers
-    then start from the last step."""
+    then start from the last step.
+
+    ``foreground_weight`` > 0 weighs the error at the latent cells over an image's object
+    (pixels away from its median colour by more than ``foreground_threshold``, see
+    :func:`noisecraft.training.weighting.foreground_weights`) up to ``1 + foreground_weight``:
+    for mostly-flat images whose object covers a few percent of the latent."""
 
     prediction: str = "eps"
     min_snr_gamma: float | None = None
@@ -82,8 +89,13 @@ class ObjectiveConfig:
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
     zero_terminal_snr: bool = False
+    foreground_weight: float = 0.0
+    foreground_threshold: float = 0.1
 
     def __post_init__(self) -> None:
+        for name in ("foreground_weight", "foreground_threshold"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ObjectiveConfig.{name}={getattr(self, name)} must be >= 0")
         if self.prediction not in ("eps", "v"):
             raise ValueError(f"prediction={self.prediction!r}; the trainer supports 'eps', 'v'")
         if self.zero_terminal_snr and self.prediction != "v":
@@ -144,11 +156,13 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
 def diffusion_loss(
     model: nn.Module, x0: torch.Tensor, ids: torch.Tensor, objective: ObjectiveConfig,
     schedule: DiscreteSchedule, generator: torch.Generator,
+    pixel_weights: torch.Tensor | float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, per-sample weighted losses [B]) for clean x0 [B, C, H, W] and token ids [B, 77].
 
     ``model(x_in, t, ids)`` sees the VP input ``x / sqrt(1 + sigma^2)`` (Denoiser's
-    convention) at integer timesteps t drawn uniformly from the schedule.
+    convention) at integer timesteps t drawn uniformly from the schedule.  ``pixel_weights``
+    ([B, 1, H, W] or a scalar) multiply the squared error before its mean.
     """
     b = x0.shape[0]
     t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator)
@@ -158,7 +172,7 @@ def diffusion_loss(
     x_in = x / append_dims((1 + sigma**2).sqrt(), x.ndim)
     out = model(x_in, t.to(torch.float32), ids).float()
     target = training_target(objective.prediction, x0, noise, sigma)
-    per_sample = (out - target).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    per_sample = (pixel_weights * (out - target).pow(2)).mean(dim=tuple(range(1, x0.ndim)))
     if objective.min_snr_gamma is not None:
         per_sample = per_sample * min_snr_weight(sigma, objective.prediction,
                                                  objective.min_snr_gamma)
@@ -263,11 +277,13 @@ class DiffusionRun(ABC):
             captions = drop_captions(captions, self.config.data.caption_dropout, self.gen)
             x0 = to_x0(images, self.vae, self.latent, self.gen, self.precision)
             ids = tokenize(self.model.text, captions)
+            weights = foreground_weights(images, self.objective.foreground_weight,
+                                         self.objective.foreground_threshold, x0.shape[-2:])
             sync = k == optim.grad_accum - 1 or not self.env.distributed
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
                 with autocast(self.precision, x0.device):
                     loss, _ = diffusion_loss(self.ddp, x0, ids, self.objective, self.schedule,
-                                             self.gen)
+                                             self.gen, weights)
                 (loss / optim.grad_accum).backward()
             total += loss.item() / optim.grad_accum
         grad_norm_clip(self.trainable, optim.max_grad_norm)

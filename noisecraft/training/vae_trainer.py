@@ -49,6 +49,7 @@ from noisecraft.training.runtime import (
     resolve_precision,
     set_lr,
 )
+from noisecraft.training.weighting import foreground_weights
 
 VAE_FILE = "vae.safetensors"
 
@@ -122,11 +123,7 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, loss: VAELossConfig,
 
 def pixel_weights(x: torch.Tensor, loss: VAELossConfig) -> torch.Tensor | float:
     """[B, 1, H, W] per-pixel loss weights of x (see :class:`VAELossConfig`), or 1.0."""
-    if not loss.foreground_weight:
-        return 1.0
-    median = x.float().flatten(2).median(dim=2).values[:, :, None, None]
-    away = (x.float() - median).abs().sum(dim=1, keepdim=True) > loss.foreground_threshold
-    return 1.0 + loss.foreground_weight * away.float()
+    return foreground_weights(x, loss.foreground_weight, loss.foreground_threshold)
 
 
 def random_crops(x: torch.Tensor, size: int | None, generator: torch.Generator) -> torch.Tensor:
