@@ -11,7 +11,8 @@ ROOT="${1:-${NOISECRAFT_RUNS:-$HOME/noisecraft-runs}/default}"
 mkdir -p "$ROOT"
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 echo "[$(date -Is)] start, root=$ROOT, pid=$$"
-for STAGE in vae diffusion vpred; do
+STAGES=$(python -c "from noisecraft.training.default_model import STAGES; print(*STAGES)")
+for STAGE in $STAGES; do
   echo "[$(date -Is)] stage $STAGE"
   NOISECRAFT_ROOT="$ROOT" NOISECRAFT_STAGE="$STAGE" python -u -c "
 import os, sys

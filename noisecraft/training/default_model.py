@@ -1,7 +1,7 @@
 """The built-in default model: a small latent text-to-image model trained on procedural shapes.
 
 It uses the same U-Net, VAE and CLIP text-encoder code as the Stable Diffusion families, at
-small widths, and produces 128 x 128 images.  Two stages, each resumable from its last
+small widths, and produces 128 x 128 images.  Four stages, each resumable from its last
 checkpoint (see ``docs/default_model.md`` for the command, times and results):
 
 1. ``vae`` - an AutoencoderKL with a 4x downscale (128 x 128 x 3 -> 32 x 32 x 4), widths
@@ -11,6 +11,10 @@ checkpoint (see ``docs/default_model.md`` for the command, times and results):
    token vocabulary) trained jointly with a U-Net (model_channels 64, 3 levels, cross-attention
    at the two lower-resolution levels), eps-prediction on SD's scaled-linear schedule, in the
    latent space of the frozen stage-1 VAE (``trainer.py``).
+3. ``vpred`` - stage 2's model fine-tuned to v-prediction on the zero-terminal-SNR schedule,
+   the text encoder at 5x the lr (so the prompt, not the seed, sets the background).
+4. ``focus`` - stage 3 continued with the error over each image's shape weighted 6x
+   (``ObjectiveConfig.foreground_weight``), so the few latent cells of the shape count.
 
 :func:`run_unfinished` runs whichever stage is not finished, continuing from its newest
 checkpoint: run it again (``scripts/train_default_model.sh``) after any interruption.
@@ -72,16 +76,23 @@ seed, whatever the prompt said (same seed, four background words: four identical
 SD's schedule keeps 7% of the image at its last step; on flat-coloured 32 x 32 latents the
 model reads the background from that leak in the initial noise instead of from the text
 (session 3). More eps steps cannot fix that, so stage 3 changes the schedule."""
-VPRED_STEPS = 16000
+VPRED_STEPS = 8000
 """Stage 3 fine-tunes stage 2's weights to v-prediction on the zero-terminal-SNR schedule.
 At 6,000 steps (session 3) the background followed the prompt on 95% of the 200 held-out
 prompts (15% before), but shapes came out small and colour / shape read back right on only
-38 / 33.5% at CFG 7 (the shipped stage-2 model: 64.5 / 77%), so it was not shipped and the
-stage continues from its step-6,000 checkpoint."""
+38 / 33.5% at CFG 7 (the shipped stage-2 model: 64.5 / 77%).  Planned for 16,000; ended at
+8,000 (session 4) for stage 4, which attacks the small shapes directly."""
 VPRED_TEXT_LR_SCALE = 5.0
 """The text encoder at 5x the U-Net's lr in stage 3: after stage 2 it barely told "white"
 from "blue" (its states for the two differed by 0.4%), having never needed to."""
-STAGES = ("vae", "diffusion", "vpred")
+FOCUS_STEPS = 6000
+FOCUS_FOREGROUND_WEIGHT = 5.0
+"""Stage 4 weighs the v-prediction error over each image's shape by 1 + 5 (pooled to the
+latent grid), the weight that made the stage-1 VAE keep shapes' colours (78% against 17% in a
+400-step A/B).  A shape covers 1.4-6.8% of the image; unweighted, its cells are a few percent
+of the loss, and stage 3 had learnt the background (95%) long before the shape's colour (38%)."""
+STAGES = ("vae", "diffusion", "vpred", "focus")
+STAGE_STEPS = {"diffusion": DIFFUSION_STEPS, "vpred": VPRED_STEPS, "focus": FOCUS_STEPS}
 
 
 def vae_stage(root: Path) -> VAETrainConfig:
@@ -137,6 +148,24 @@ def vpred_stage(root: Path):
     )
 
 
+def focus_stage(root: Path):
+    """The stage-4 config: stage 3's finished model, same objective and optimiser, with the
+    error over each image's shape weighted ``1 + FOCUS_FOREGROUND_WEIGHT``."""
+    from noisecraft.training.trainer import MODEL_FILE
+
+    root = Path(root)
+    base = vpred_stage(root)
+    return replace(
+        base,
+        model=replace(base.model, init_weights=root / "vpred" / MODEL_FILE),
+        objective=replace(base.objective, foreground_weight=FOCUS_FOREGROUND_WEIGHT),
+        run=replace(base.run, out_dir=root / "focus", steps=FOCUS_STEPS),
+    )
+
+
+STAGE_CONFIGS = {"diffusion": diffusion_stage, "vpred": vpred_stage, "focus": focus_stage}
+
+
 def model_config(vae_file: Path | None = None):
     """The default architecture; in the latent space of ``vae_file`` when given, else in pixel
     space (the same U-Net with 3 input and output channels)."""
@@ -148,12 +177,12 @@ def model_config(vae_file: Path | None = None):
 
 
 def stage_done(root: Path, stage: str) -> bool:
-    """True when the stage's final file exists; for ``diffusion``, also written at
-    ``DIFFUSION_STEPS`` (raise it and the stage continues from its newest checkpoint)."""
+    """True when the stage's final file exists, written at its ``STAGE_STEPS`` (raise them and
+    the stage continues from its newest checkpoint)."""
     root = Path(root)
     if stage == "vae":
         return (root / "vae" / VAE_FILE).exists()
-    if stage in ("diffusion", "vpred"):
+    if stage in STAGE_STEPS:
         from noisecraft.training.state import read_metadata
         from noisecraft.training.trainer import MODEL_FILE
 
@@ -161,7 +190,7 @@ def stage_done(root: Path, stage: str) -> bool:
         if not path.exists():
             return False
         step = (read_metadata(path).get("noisecraft.training") or {}).get("step")
-        return step is None or step >= (DIFFUSION_STEPS if stage == "diffusion" else VPRED_STEPS)
+        return step is None or step >= STAGE_STEPS[stage]
     raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
 
 
@@ -185,7 +214,7 @@ def run_stage(root: str | Path, stage: str, *, stop_after: int | None = None) ->
     else:
         from noisecraft.training.trainer import train
 
-        cfg = diffusion_stage(root) if stage == "diffusion" else vpred_stage(root)
+        cfg = STAGE_CONFIGS[stage](root)
         result = train(replace(cfg, run=replace(cfg.run, stop_after=stop_after)))
         print(f"{stage}: step {result.step}", flush=True)
     return stage_done(root, stage)
@@ -257,7 +286,7 @@ def export_default_model(root: str | Path = "runs/default", out: str | Path | No
                          *, stage: str | None = None) -> Path:
     """Write a finished model in float16 (loaders upcast), checking the 40 MB budget.
 
-    ``stage`` ("diffusion" or "vpred") picks whose model file; None: the last stage (in
+    ``stage`` (one of ``STAGE_STEPS``) picks whose model file; None: the last stage (in
     ``STAGES`` order) that has one."""
     import torch
     from safetensors.torch import load_file

@@ -137,11 +137,11 @@ def test_diffusion_stage_is_done_only_at_its_step_count(tmp_path, monkeypatch):
     assert not default_model.stage_done(tmp_path, "diffusion")
     state.save_model_file(path, {"model.": {"w": torch.zeros(1)}},
                           {"noisecraft.training": {"step": 4000, "samples": 64000}})
-    monkeypatch.setattr(default_model, "DIFFUSION_STEPS", 4000)
+    monkeypatch.setitem(default_model.STAGE_STEPS, "diffusion", 4000)
     assert default_model.stage_done(tmp_path, "diffusion")
-    monkeypatch.setattr(default_model, "DIFFUSION_STEPS", 8000)  # raised: continue training
+    monkeypatch.setitem(default_model.STAGE_STEPS, "diffusion", 8000)  # raised: continue training
     assert not default_model.stage_done(tmp_path, "diffusion")
-    with pytest.raises(ValueError, match="the stages are vae, diffusion, vpred"):
+    with pytest.raises(ValueError, match="the stages are vae, diffusion, vpred, focus"):
         default_model.stage_done(tmp_path, "nope")
 
 
@@ -157,7 +157,18 @@ def test_vpred_stage_fine_tunes_stage_2_to_v_on_zero_terminal_snr(tmp_path, monk
     path.parent.mkdir(parents=True)
     state.save_model_file(path, {"model.": {"w": torch.zeros(1)}},
                           {"noisecraft.training": {"step": 10, "samples": 160}})
-    monkeypatch.setattr(default_model, "VPRED_STEPS", 10)
+    monkeypatch.setitem(default_model.STAGE_STEPS, "vpred", 10)
     assert default_model.stage_done(tmp_path, "vpred")
-    monkeypatch.setattr(default_model, "VPRED_STEPS", 11)
+    monkeypatch.setitem(default_model.STAGE_STEPS, "vpred", 11)
     assert not default_model.stage_done(tmp_path, "vpred")
+
+
+def test_focus_stage_continues_stage_3_with_the_shapes_weighted(tmp_path, monkeypatch):
+    from noisecraft.training import default_model
+
+    vpred, cfg = default_model.vpred_stage(tmp_path), default_model.focus_stage(tmp_path)
+    assert cfg.model.init_weights == tmp_path / "vpred" / "model.safetensors"
+    assert cfg.objective == replace(vpred.objective, foreground_weight=5.0)
+    assert cfg.optim == vpred.optim and cfg.data == vpred.data
+    assert cfg.run.out_dir == tmp_path / "focus"
+    assert default_model.STAGES[-1] == "focus" and not default_model.stage_done(tmp_path, "focus")
