@@ -37,7 +37,8 @@ def _encoders(clip: ClipValue) -> list:
 def encode_text(clip: ClipValue, text: str) -> list:
     """One prompt -> CONDITIONING ``[[context [1, 77k, C], {"pooled_output": [1, P] | None}]]``
     with the same encoder call the engine makes (``encode_prompts``)."""
-    emb = clip.bundle.text_encoder.encode_prompts([text], clip_skip=clip.clip_skip)
+    emb = clip.bundle.text_encoder.encode_prompts([text], clip_skip=clip.clip_skip,
+                                                  embeddings=clip.embeddings)
     pooled = None if emb.pooled is None else emb.pooled.float()
     return [[emb.context.float(), {"pooled_output": pooled}]]
 
@@ -91,7 +92,8 @@ class CLIPTextEncodeSDXL(Node):
                              f"({clip.bundle.name}) has {len(encoders)}: use CLIPTextEncode")
         parts, pooled = [], None
         for encoder, text in zip(encoders, (text_l, text_g), strict=True):
-            emb = encode_prompts([encoder], [text], clip_skip=clip.clip_skip)
+            emb = encode_prompts([encoder], [text], clip_skip=clip.clip_skip,
+                                 embeddings=clip.embeddings)
             empty = encode_prompts([encoder], [""], clip_skip=clip.clip_skip).context
             parts.append((emb.context, empty))
             pooled = emb.pooled if emb.pooled is not None else pooled

@@ -1,5 +1,8 @@
 """Loader nodes: checkpoints, VAEs and LoRAs by name from the models folders, CLIP layer.
 
+A checkpoint's CLIP carries the models folders' textual-inversion embeddings, so
+``CLIPTextEncode`` reads ``embedding:name`` (and, as the engine does, the bare file name).
+
 Names come from :func:`noisecraft.models_folder.model_folders_of` (the run's
 ``resources["models"]``, or the server's folders); the checkpoints themselves come from the
 engine's model cache (``resources["engine"]``), so a checkpoint loads once per engine.  VAE
@@ -13,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from noisecraft.embeddings import PromptEmbeddings, embedding_files
 from noisecraft.graph.context import NodeContext
 from noisecraft.graph.schema import (
     CLIP,
@@ -47,6 +51,13 @@ def _stat(context, kind: str, name: str):
     return (str(path), st.st_size, st.st_mtime_ns)
 
 
+def folder_embeddings(context) -> PromptEmbeddings:
+    """The embeddings in the models folders' ``embeddings`` folder, loaded when a prompt names
+    one; ``embedding:name`` of a file that is not there is an error listing those that are
+    (ComfyUI warns and drops the word)."""
+    return PromptEmbeddings.from_folders(model_folders_of(context))
+
+
 class CheckpointLoaderSimple(Node):
     schema = NodeSchema(
         name="CheckpointLoaderSimple", display_name="Load Checkpoint", category="loaders",
@@ -62,14 +73,21 @@ class CheckpointLoaderSimple(Node):
 
     @classmethod
     def fingerprint(cls, context=None, **inputs):
-        return _stat(context, "checkpoints", inputs.get("ckpt_name", ""))
+        """The checkpoint file and the embedding files its CLIP carries."""
+        try:
+            files = embedding_files(model_folders_of(context))
+        except ModelFolderError:
+            files = {}
+        embeddings = tuple((n, p.stat().st_size, p.stat().st_mtime_ns)
+                           for n, p in sorted(files.items()))
+        return (_stat(context, "checkpoints", inputs.get("ckpt_name", "")), embeddings)
 
     @classmethod
     def execute(cls, ckpt_name, context: NodeContext):
         path = model_folders_of(context).resolve("checkpoints", ckpt_name)
         engine = engine_of(context)
         bundle = engine.model(path)
-        return (ModelValue(bundle), ClipValue(bundle),
+        return (ModelValue(bundle), ClipValue(bundle, embeddings=folder_embeddings(context)),
                 VaeValue.of(engine.runnable_vae(bundle.vae), bundle.name, bundle.sha256))
 
 
@@ -134,8 +152,9 @@ class LoraLoader(Node):
                                                      "unet"),
                             loras=(*model.loras, (lora_name, strength_model)))
         if strength_clip != 0:
-            clip = ClipValue(with_loras(clip.bundle, [(path, strength_clip)], "text_encoder"),
-                             clip.clip_skip, (*clip.loras, (lora_name, strength_clip)))
+            clip = replace(clip, bundle=with_loras(clip.bundle, [(path, strength_clip)],
+                                                   "text_encoder"),
+                           loras=(*clip.loras, (lora_name, strength_clip)))
         return (model, clip)
 
 
@@ -172,7 +191,7 @@ class CLIPSetLastLayer(Node):
     @classmethod
     def execute(cls, clip, stop_at_clip_layer):
         """-1 = the last layer (clip_skip 1), -2 = the penultimate (A1111's "clip skip 2")."""
-        return (ClipValue(clip.bundle, -stop_at_clip_layer, clip.loras),)
+        return (replace(clip, clip_skip=-stop_at_clip_layer),)
 
 
 LOADER_NODES = [CheckpointLoaderSimple, VAELoader, LoraLoader, LoraLoaderModelOnly,

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from noisecraft.checkpoints.lora import lora_bundle
+from noisecraft.embeddings import PromptEmbeddings
 from noisecraft.engine import Engine
 from noisecraft.models.family import Family, ModelBundle
 from noisecraft.models.latent_formats import LatentFormat
@@ -70,11 +71,15 @@ class ModelValue:
 @dataclass(frozen=True, eq=False)
 class ClipValue:
     """CLIP: a bundle's text encoder(s) and the layer to read (``clip_skip`` None: the family's
-    default; 1 = last layer, ComfyUI's ``stop_at_clip_layer = -clip_skip``)."""
+    default; 1 = last layer, ComfyUI's ``stop_at_clip_layer = -clip_skip``), and the
+    textual-inversion embeddings its prompts may name (those of the models folders'
+    ``embeddings`` folder, as ComfyUI's CLIP carries its ``embedding_directory``).  Nodes that
+    derive a CLIP from another use ``dataclasses.replace`` so these carry over."""
 
     bundle: ModelBundle
     clip_skip: int | None = None
     loras: tuple[tuple[str, float], ...] = ()
+    embeddings: PromptEmbeddings | None = None
 
 
 @dataclass(frozen=True, eq=False)
