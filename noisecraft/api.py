@@ -227,8 +227,8 @@ def sd_upscale_image(
             picture, higher values repaint each tile.
         model, steps, cfg_scale, seed, sampler, scheduler, steps_offset, clip_skip,
         guidance_rescale, eta, embeddings_dir, loras, loras_dir, device, dtype, backend,
-        callback, cancel, engine: as :func:`generate_image`; every tile uses ``seed``, and
-            progress events carry the stage ``"tile K/N"``.
+        callback, cancel, engine: as :func:`generate_image`; tile k (0-based, row by row)
+            uses ``seed + k`` (as A1111), and progress events carry the stage ``"tile K/N"``.
 
     Returns:
         The upscaled RGB image; ``image.info`` holds ``seed``, ``parameters`` (A1111 text with

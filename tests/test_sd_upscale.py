@@ -30,9 +30,9 @@ def setup(tmp_path_factory):
     return Engine(device="cpu"), request
 
 
-def _tile(engine, request, big, x):
+def _tile(engine, request, big, x, seed):
     part = big.crop((x, 0, x + 32, 32))
-    out = engine.generate(replace(request, init_image=part, width=32, height=32))
+    out = engine.generate(replace(request, init_image=part, width=32, height=32, seed=seed))
     return np.asarray(out.images[0].image, np.float32)
 
 
@@ -42,7 +42,8 @@ def test_tiles_are_engine_img2img_runs_cross_faded(setup):
     assert out.image.size == (64, 32) and out.seed == 3
     o = np.asarray(out.image, np.float32)
     big = upscale_image(request.init_image, 2)
-    a, b, c = (_tile(engine, request, big, x) for x in (0, 16, 32))
+    # tile k uses seed 3 + k (A1111's SD upscale, batch size 1)
+    a, b, c = (_tile(engine, request, big, x, 3 + k) for k, x in enumerate((0, 16, 32)))
     # outer quarter of an overlap (4 px) has weight 0: where tile b starts, only tile a shows
     np.testing.assert_allclose(o[:, 16:20], a[:, 16:20], atol=0.5)
     np.testing.assert_allclose(o[:, 0:16], a[:, 0:16], atol=0.5)
@@ -53,13 +54,14 @@ def test_tiles_are_engine_img2img_runs_cross_faded(setup):
         want = (1 - wb) * a[:, 16 + i] + wb * b[:, i]
         np.testing.assert_allclose(o[:, 16 + i], want, atol=0.51)
     # every step across a tile's first or last column is a step inside one tile's own output
-    # (the other tile has weight 0 there); a hard paste (no overlap: tiles a | c) instead puts
+    # (the other tile has weight 0 there); a hard paste (no overlap: two tiles) instead puts
     # two different tiles' pixels side by side at column 32
     for col, own in ((16, a[:, 16] - a[:, 15]), (32, b[:, 16] - b[:, 15]),
                      (48, c[:, 16] - c[:, 15])):
         np.testing.assert_allclose(o[:, col] - o[:, col - 1], own, atol=1.0)
     hard = np.asarray(sd_upscale(engine, request, scale=2, tile=32, overlap=0).image, np.float32)
-    np.testing.assert_allclose(hard, np.concatenate([a, c], axis=1), atol=0.5)
+    second = _tile(engine, request, big, 32, 4)  # without overlap, x = 32 is tile 1: seed 4
+    np.testing.assert_allclose(hard, np.concatenate([a, second], axis=1), atol=0.5)
     assert np.abs((hard[:, 32] - hard[:, 31]) - (o[:, 32] - o[:, 31])).max() > 5
 
 

@@ -3,8 +3,10 @@ an image (with an upscaler model or Lanczos), then re-detail it by img2img tile 
 tiles overlapping and blended, so the output can be far larger than one diffusion pass fits.
 
 Each tile is one ordinary request through :meth:`noisecraft.engine.Engine.generate` (init image
-= the tile, same prompt, settings and seed for every tile), so samplers, guidance, LoRA and
-embeddings behave as in img2img.  Only one tile is in latent space at a time; the canvas is
+= the tile, same prompt and settings for every tile), so samplers, guidance, LoRA and
+embeddings behave as in img2img.  Tile k (0-based, row by row) uses seed ``seed + k``, as
+AUTOMATIC1111's script does with batch size 1 (it advances the seed by one per batch of tiles).
+Only one tile is in latent space at a time; the canvas is
 float32 pixels [H, W, 3] plus a weight map [H, W].  Progress events carry the stage
 ``"tile K/N"``.
 
@@ -111,7 +113,8 @@ def sd_upscale(
     """Upscale ``request.init_image`` by ``scale`` (``upscaler``: model file, ``"lanczos"`` or
     ``"none"``), then img2img each tile (``tile`` px square, or ``(width, height)``; None =
     the model's native size) overlapping by ``overlap`` px (all multiples of 8) with
-    ``request``'s prompt, strength, steps, sampler and seed, and blend the tiles.
+    ``request``'s prompt, strength, steps and sampler, tile k with seed ``seed + k``, and blend
+    the tiles.
 
     ``request.width`` / ``height`` are ignored (the size is the upscaled image's) and
     ``batch_size`` must be 1.  Returns the RGB image with its seed and settings: the first
@@ -139,13 +142,15 @@ def sd_upscale(
                for x in tile_starts(w, tile_w, overlap)]
     seed, settings = request.seed, None
     for k, (x, y) in enumerate(origins, 1):
+        tile_seed = None if seed is None else seed + k - 1
         th, tw = min(tile_h, h - y), min(tile_w, w - x)
         part = big.crop((x, y, x + tw, y + th))
-        tile_request = replace(request, init_image=part, width=tw, height=th, seed=seed,
+        tile_request = replace(request, init_image=part, width=tw, height=th, seed=tile_seed,
                                hires_scale=1.0)
         stage = f"tile {k}/{len(origins)}"
         result = engine.generate(tile_request, callback=_staged(callback, stage), cancel=cancel)
-        seed = result.seed  # a random seed is drawn once and kept for every tile
+        if seed is None:  # a random seed is drawn once, by the first tile
+            seed = result.seed
         if settings is None:
             settings = result.images[0].settings
         out = np.asarray(result.images[0].image.convert("RGB"), np.float32)
