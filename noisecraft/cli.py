@@ -228,6 +228,9 @@ def generate(
                 loras=tuple(_parse_lora(spec) for spec in lora or ()), loras_dir=loras_dir,
             )
         engine = make_engine(ctx, device, dtype, backend)
+        if from_image is not None and settings.get("sd_upscale"):
+            _rerun_sd_upscale(engine, request, settings["sd_upscale"], output)
+            return
         progress = Progress(engine, engine.model(request.model), gif, preview, taesd)
         try:
             result = engine.generate(request, callback=progress)
@@ -239,6 +242,22 @@ def generate(
         save_png(item.image, path, item.settings)
         typer.echo(f"{path}  seed {item.seed}")
     progress.write_gif()
+
+
+def _rerun_sd_upscale(engine, request, upscale: dict, output: Path) -> None:
+    """``--from`` an image made by SD upscale: the same tiled run, not a plain img2img."""
+    from noisecraft.metadata import save_png
+    from noisecraft.pipelines.sd_upscale import sd_upscale
+
+    progress = Progress(engine)
+    try:
+        result = sd_upscale(engine, request, scale=upscale["scale"],
+                            upscaler=upscale["upscaler"], tile=tuple(upscale["tile"]),
+                            overlap=upscale["overlap"], callback=progress)
+    finally:
+        progress.close()
+    save_png(result.image, output, result.settings)
+    typer.echo(f"{output}  seed {result.seed}")
 
 
 QUEUE_HELP = "Job queue: sqlite (queue.db in the data folder) or redis (workers anywhere)."

@@ -1,7 +1,8 @@
 """Paths inside an image's saved settings, made usable again (``noisecraft generate --from``).
 
 Settings keep every path as it was given: the init image, the mask, the model, ControlNet
-models and images, LoRA files, the embeddings and LoRA folders; relative paths are relative to
+models and images, LoRA files, the embeddings and LoRA folders, an SD upscale's upscaler
+model; relative paths are relative to
 the folder the first run started in, which a later run may not share.
 :func:`resolve_settings_paths` looks each relative path up in two places, in order:
 
@@ -28,6 +29,8 @@ from noisecraft.request import InputError
 
 IN_MEMORY = "<image>"
 FILE_KEYS = ("init_image", "mask", "model", "embeddings_dir", "loras_dir")
+UPSCALER_NAMES = ("lanczos", "none")
+"""SD upscale's upscalers that are not files (``noisecraft.pipelines.sd_upscale``)."""
 
 
 class _Finder:
@@ -77,6 +80,10 @@ def resolve_settings_paths(
     if "loras" in out and "loras" not in skip:
         missing_ok = out.get("loras_dir") is not None
         out["loras"] = [_lora(finder, entry, missing_ok) for entry in out["loras"]]
+    upscale = out.get("sd_upscale")
+    if isinstance(upscale, Mapping) and upscale.get("upscaler") not in UPSCALER_NAMES:
+        out["sd_upscale"] = {**upscale,
+                             "upscaler": finder.find(upscale.get("upscaler"), "upscaler model")}
     return out
 
 

@@ -64,3 +64,20 @@ def test_bad_input_exits_2_with_a_message(engine, source, tmp_path, args, messag
     assert message in r.output
     assert "Traceback" not in r.output
     assert not (tmp_path / "o.png").exists()
+
+
+def test_generate_from_an_sd_upscaled_image_reruns_the_sd_upscale(engine, source, tmp_path):
+    """``generate --from`` re-creates an SD-upscaled PNG bit for bit (the tiled run, with the
+    input image found beside the output when run from another folder), not a plain img2img."""
+    out = tmp_path / "out.png"
+    r = run(engine, source, "-o", out, "-m", "sd1", "-p", "a red cat", "--scale", 2,
+            "--tile", 32, "--overlap", 16, "--strength", 0.5, "--steps", 2, "--seed", 7)
+    assert r.exit_code == 0, r.output
+    again = tmp_path / "again.png"
+    r = CliRunner().invoke(app, ["generate", "--from", str(out), "-o", str(again)],
+                           obj={"engine": engine})
+    assert r.exit_code == 0, r.output
+    with Image.open(out) as a, Image.open(again) as b:
+        assert b.size == (64, 32)
+        assert np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+        assert a.text["parameters"] == b.text["parameters"]
