@@ -318,10 +318,22 @@ async def editor_user_css():
 @pages.get("/assets/images/{name:path}")
 async def editor_images(name: str):
     """Icons the editor names by absolute path (its manifest, the favicon progress frames)."""
+    return _file(_editor_root() / "assets" / "images", name, "editor image")
+
+
+@pages.get("/assets/favicon.ico")
+async def editor_favicon():
+    """The icon the editor's layout sets by absolute path (``useFavicon('/assets/favicon.ico')``
+    in LayoutDefault): ComfyUI serves the editor at ``/``, so it answers this from the
+    editor's own assets, and so does noisecraft."""
+    return _file(_editor_root() / "assets", "favicon.ico", "editor icon")
+
+
+def _editor_root():
     root = editor_dir()
     if root is None:
         raise RequestError(EDITOR_MISSING, status=404, kind="editor_missing")
-    return _file(root / "assets" / "images", name, "editor image")
+    return root
 
 
 @pages.get("/editor/templates/{name}")
@@ -343,10 +355,7 @@ async def editor_extension(name: str):
 
 @pages.get("/editor/{path:path}")
 async def editor_file(path: str):
-    root = editor_dir()
-    if root is None:
-        raise RequestError(EDITOR_MISSING, status=404, kind="editor_missing")
-    return _file(root, path or "index.html", "editor file")
+    return _file(_editor_root(), path or "index.html", "editor file")
 
 
 def _file(root, name: str, what: str) -> FileResponse:
