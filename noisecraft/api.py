@@ -95,6 +95,8 @@ def generate_image(
     hires_strength: float = 0.5,
     clip_skip: int | None = None,
     guidance_rescale: float = 0.0,
+    uncond_min_sigma: float = 0.0,
+    uncond_min_sigma_all_steps: bool = False,
     eta: float | None = None,
     controlnets: Sequence[Any] = (),
     embeddings_dir: str | os.PathLike | None = None,
@@ -134,6 +136,12 @@ def generate_image(
         clip_skip: 1 = last layer; None = the model family's default.
         guidance_rescale, eta: CFG rescale (Lin et al. 2023); eta for samplers that take it.
             A ``*_cfg_pp`` sampler uses CFG++ guidance (useful cfg_scale ~ 0.5-2).
+        uncond_min_sigma, uncond_min_sigma_all_steps: AUTOMATIC1111's "Negative Guidance
+            minimum sigma" (NGMS, option ``s_min_uncond``): while the step's sigma is below
+            it, every other denoiser call (every call with ``uncond_min_sigma_all_steps``, A1111's
+            ``s_min_uncond_all``) skips the negative-prompt pass and uses the prompt's
+            prediction alone, about half the U-Net work of that call.  0 = off; refused with
+            a CFG++ sampler.  See :class:`noisecraft.guidance.SkipUncond`.
         controlnets: ControlNets, each ``(model, image, strength)``, ``(model, image,
             strength, start_percent, end_percent)``, a dict of those names (plus
             ``preprocessor``: ``"none"`` or ``"canny"``) or a ``ControlNetUnit``; ``model`` is a
@@ -162,7 +170,8 @@ def generate_image(
     engine = _engine(engine, device, dtype, backend)
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, model=model, steps=steps,
-        cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, seed=seed, sampler=sampler,
+        cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, uncond_min_sigma=uncond_min_sigma,
+        uncond_min_sigma_all_steps=uncond_min_sigma_all_steps, seed=seed, sampler=sampler,
         scheduler=scheduler, steps_offset=steps_offset, width=width, height=height,
         batch_size=batch_size,
         clip_skip=clip_skip, init_image=init_image, strength=strength, mask=mask,
@@ -196,6 +205,8 @@ def sd_upscale_image(
     steps_offset: int | None = None,
     clip_skip: int | None = None,
     guidance_rescale: float = 0.0,
+    uncond_min_sigma: float = 0.0,
+    uncond_min_sigma_all_steps: bool = False,
     eta: float | None = None,
     embeddings_dir: str | os.PathLike | None = None,
     loras: Sequence[Any] = (),
@@ -226,7 +237,8 @@ def sd_upscale_image(
         strength: img2img denoising strength of each tile; 0.2-0.4 adds detail and keeps the
             picture, higher values repaint each tile.
         model, steps, cfg_scale, seed, sampler, scheduler, steps_offset, clip_skip,
-        guidance_rescale, eta, embeddings_dir, loras, loras_dir, device, dtype, backend,
+        guidance_rescale, uncond_min_sigma, uncond_min_sigma_all_steps, eta, embeddings_dir,
+        loras, loras_dir, device, dtype, backend,
         callback, cancel, engine: as :func:`generate_image`; tile k (0-based, row by row)
             uses ``seed + k`` (as A1111), and progress events carry the stage ``"tile K/N"``.
 
@@ -238,7 +250,8 @@ def sd_upscale_image(
     engine = _engine(engine, device, dtype, backend)
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, model=model, steps=steps,
-        cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, seed=seed, sampler=sampler,
+        cfg_scale=cfg_scale, guidance_rescale=guidance_rescale, uncond_min_sigma=uncond_min_sigma,
+        uncond_min_sigma_all_steps=uncond_min_sigma_all_steps, seed=seed, sampler=sampler,
         scheduler=scheduler, steps_offset=steps_offset, clip_skip=clip_skip,
         init_image=image, strength=strength, eta=eta, embeddings_dir=embeddings_dir,
         loras=loras, loras_dir=loras_dir,

@@ -156,6 +156,12 @@ def generate(
                                               help="Checkpoint path (default: built-in).")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
     cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 7.0,
+    ngms: Annotated[float, typer.Option(
+        "--ngms", help="A1111's Negative Guidance minimum sigma: below this sigma every other "
+                       "step skips the negative-prompt pass (0 = off).")] = 0.0,
+    ngms_all_steps: Annotated[bool, typer.Option(
+        "--ngms-all-steps", help="With --ngms: skip on every step below it, not every other "
+                                 "(A1111's 'NGMS all steps').")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed (random if omitted).")] = None,
     sampler: Annotated[str, typer.Option(help="Sampler name (noisecraft samplers).")] = "euler",
     scheduler: Annotated[str, typer.Option(help="Spacing / scheduler name.")] = "normal",
@@ -216,7 +222,8 @@ def generate(
         else:
             request = GenerationRequest(
                 prompt=prompt, negative_prompt=negative, model=model, steps=steps,
-                cfg_scale=cfg, seed=seed, sampler=sampler, scheduler=scheduler,
+                cfg_scale=cfg, uncond_min_sigma=ngms, uncond_min_sigma_all_steps=ngms_all_steps,
+                seed=seed, sampler=sampler, scheduler=scheduler,
                 steps_offset=steps_offset, width=width,
                 height=height, batch_size=batch, clip_skip=clip_skip, init_image=init,
                 strength=strength, mask=mask, mask_blur=mask_blur, mask_grow=mask_grow,

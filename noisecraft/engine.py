@@ -98,6 +98,10 @@ class Engine(ModelCache):
         if needs_uncond(request.sampler) and request.guidance_rescale > 0:
             raise InputError(f"guidance_rescale does not apply to the CFG++ sampler "
                              f"{request.sampler!r}; set it to 0 or pick another sampler")
+        if needs_uncond(request.sampler) and request.uncond_min_sigma > 0:
+            raise InputError(f"uncond_min_sigma (NGMS) does not apply to the CFG++ sampler "
+                             f"{request.sampler!r}, which needs the unconditional pass at every "
+                             f"step; set it to 0 or pick another sampler")
         plan = resolve_loras(request)
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_RANGE)
         request = request.with_seed(int(seed))

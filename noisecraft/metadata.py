@@ -131,9 +131,14 @@ def lora_hashes_text(hashes: Mapping[str, str] | None) -> str:
 
 
 def extra_parameters(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """A1111's ``extra_generation_params`` of these settings: the SD upscale script's overlap
-    and upscaler, and ``Lora hashes`` (only those that apply)."""
+    """A1111's ``extra_generation_params`` of these settings: ``NGMS`` (with ``NGMS all
+    steps``), the SD upscale script's overlap and upscaler, and ``Lora hashes`` (only those
+    that apply)."""
     out: dict[str, Any] = {}
+    if settings.get("uncond_min_sigma"):
+        out["NGMS"] = settings["uncond_min_sigma"]
+        if settings.get("uncond_min_sigma_all_steps"):
+            out["NGMS all steps"] = True
     upscale = settings.get("sd_upscale")
     if upscale:
         out["SD upscale overlap"] = upscale.get("overlap")
@@ -209,6 +214,10 @@ def parse_parameters(text: str) -> dict[str, Any]:
         out["model_name"] = params.pop("Model")
     if "Model hash" in params:
         out["model_hash"] = params.pop("Model hash")
+    if "NGMS" in params:
+        out["uncond_min_sigma"] = float(params.pop("NGMS"))
+    if "NGMS all steps" in params:
+        out["uncond_min_sigma_all_steps"] = params.pop("NGMS all steps").lower() == "true"
     out["extra"] = params
     return out
 

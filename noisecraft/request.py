@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from noisecraft import __version__
+from noisecraft.guidance import SkipUncond
 
 ImageInput = str | os.PathLike | Image.Image
 """An input image: a file path or a PIL image (validated by :mod:`noisecraft.images`)."""
@@ -205,6 +206,8 @@ class GenerationRequest:
     steps: int = 20
     cfg_scale: float = 7.0
     guidance_rescale: float = 0.0
+    uncond_min_sigma: float = 0.0
+    uncond_min_sigma_all_steps: bool = False
     seed: int | None = None
     sampler: str = "euler"
     scheduler: str = "normal"
@@ -252,6 +255,7 @@ class GenerationRequest:
             raise InputError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise InputError(f"guidance_rescale must lie in [0, 1], got {self.guidance_rescale}")
+        self._check_uncond_min_sigma()
         if self.steps_offset is not None:
             if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) \
                     or self.steps_offset < 0:
@@ -309,6 +313,25 @@ class GenerationRequest:
                              "set hires_scale to 1")
         if self.hires_steps is not None and self.hires_steps < 1:
             raise InputError(f"hires_steps must be >= 1, got {self.hires_steps}")
+
+    def _check_uncond_min_sigma(self) -> None:
+        value = self.uncond_min_sigma
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value) or value < 0:
+            raise InputError(
+                f"uncond_min_sigma (A1111's NGMS, Negative Guidance minimum sigma) must be a "
+                f"finite number >= 0: 0 = off, else the unconditional pass is skipped while "
+                f"sigma < it; got {value!r:.40}")
+        object.__setattr__(self, "uncond_min_sigma", float(value))
+        if not isinstance(self.uncond_min_sigma_all_steps, bool):
+            raise InputError(f"uncond_min_sigma_all_steps must be true or false (false = skip "
+                             f"every other step, as A1111's NGMS), got "
+                             f"{self.uncond_min_sigma_all_steps!r:.40}")
+
+    @property
+    def skip_uncond(self) -> SkipUncond:
+        """A1111's NGMS of this request, for :func:`noisecraft.guidance.cfg_denoiser`."""
+        return SkipUncond(self.uncond_min_sigma, self.uncond_min_sigma_all_steps)
 
     @property
     def task(self) -> str:

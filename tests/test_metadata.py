@@ -89,3 +89,26 @@ def test_extra_text_chunks(tmp_path):
                     extra_text={"prompt": '{"3": {}}', "workflow": "{}"})
     with Image.open(path) as im:
         assert im.text == {"prompt": '{"3": {}}', "workflow": "{}"}
+
+
+def test_ngms_is_written_only_when_on_and_parsed_back():
+    assert "NGMS" not in format_parameters({**SETTINGS, "uncond_min_sigma": 0.0,
+                                            "uncond_min_sigma_all_steps": True})
+    text = format_parameters({**SETTINGS, "uncond_min_sigma": 2.5})
+    assert text.endswith("NGMS: 2.5, Version: noisecraft 0.1.0") and "NGMS all steps" not in text
+    back = parse_parameters(text)
+    assert back["uncond_min_sigma"] == 2.5 and "uncond_min_sigma_all_steps" not in back
+    text = format_parameters({**SETTINGS, "uncond_min_sigma": 1.0,
+                              "uncond_min_sigma_all_steps": True})
+    assert "NGMS: 1.0, NGMS all steps: True" in text
+    back = parse_parameters(text)
+    assert (back["uncond_min_sigma"], back["uncond_min_sigma_all_steps"]) == (1.0, True)
+    assert back["extra"] == {"Version": "noisecraft 0.1.0"}
+
+
+def test_a1111_ngms_text_becomes_a_request():
+    from noisecraft.request import GenerationRequest
+
+    text = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, NGMS: 3"
+    request = GenerationRequest.from_settings(parse_parameters(text))
+    assert (request.uncond_min_sigma, request.uncond_min_sigma_all_steps) == (3.0, False)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from noisecraft.conditioning import Conditioning
 from noisecraft.diffusion import BoundDenoiser, Denoiser, append_dims
-from noisecraft.guidance import cfg_denoiser
+from noisecraft.guidance import NO_SKIP, SkipUncond, cfg_denoiser
 from noisecraft.models.controlnet import ControlSpec
 from noisecraft.models.family import Family, ModelBundle
 from noisecraft.pipelines.control import CONTROL_SIDE, controlled_unet, sided_unet
@@ -183,8 +183,11 @@ def guided_denoiser(
     concat: torch.Tensor | None = None,
     controls: Sequence[ControlSpec] = (),
     uncond_controls: Sequence[ControlSpec] | None = None,
+    skip: SkipUncond = NO_SKIP,
 ) -> GuidedDenoiser:
     """CFG-guided ``(x, sigma) -> x0``; ``concat`` [B, k, h, w] goes to inpainting U-Nets.
+    ``skip``: A1111's NGMS (:class:`~noisecraft.guidance.SkipUncond`); build one denoiser per
+    sampling run (it counts its calls).
 
     ``controls``: ControlNets acting on both prompts, unless ``uncond_controls`` gives the
     negative prompt others (:mod:`noisecraft.pipelines.control`).  CFG++ samplers get the
@@ -201,7 +204,7 @@ def guided_denoiser(
     denoiser = Denoiser(_unet_callable(unet), bundle.family.schedule(), bundle.family.prediction)
     if concat is not None:
         cond["c_concat"] = uncond["c_concat"] = concat
-    guided = cfg_denoiser(denoiser, cond, uncond, cfg_scale, guidance_rescale)
+    guided = cfg_denoiser(denoiser, cond, uncond, cfg_scale, guidance_rescale, skip)
     return GuidedDenoiser(guided, cfg_pp_denoiser(denoiser, cond, uncond, cfg_scale).with_uncond)
 
 

@@ -84,7 +84,8 @@ def run_request(run: Run, req: GenerationRequest) -> PipelineOutput:
         cond = _conditioning(run, req, width, height)
         latent = _encode(run, image_to_tensor(image))
         concat = txt2img_concat(run, width, height)
-        denoiser = guided_denoiser(run.bundle, cond, req.cfg_scale, req.guidance_rescale, concat)
+        denoiser = guided_denoiser(run.bundle, cond, req.cfg_scale, req.guidance_rescale, concat,
+                                   skip=req.skip_uncond)
         latents = img2img(run, denoiser, latent, steps=req.steps, strength=req.strength,
                           sampler=req.sampler, scheduler=req.scheduler, eta=req.eta,
                           steps_offset=req.steps_offset)

@@ -59,7 +59,8 @@ def hires_fix(
     big = upscale(run, latents, width, height, req.hires_upscale)
     run = replace(run, generators=generators_for([g.initial_seed() for g in run.generators]))
     concat = txt2img_concat(run, width, height)
-    denoiser = guided_denoiser(run.bundle, cond, req.cfg_scale, req.guidance_rescale, concat)
+    denoiser = guided_denoiser(run.bundle, cond, req.cfg_scale, req.guidance_rescale, concat,
+                               skip=req.skip_uncond)
     return img2img(
         run, denoiser, big, steps=req.hires_steps or req.steps, strength=req.hires_strength,
         sampler=req.sampler, scheduler=req.scheduler, eta=req.eta, stage="hires",

@@ -73,10 +73,12 @@ def inpaint(
     x, noise = noised_start(run, latent, float(sigmas[start]))
     if bundle.inpaint:
         concat = inpaint_concat(run, image, mask)
-        denoiser = guided_denoiser(bundle, cond, req.cfg_scale, req.guidance_rescale, concat)
+        denoiser = guided_denoiser(bundle, cond, req.cfg_scale, req.guidance_rescale, concat,
+                                   skip=req.skip_uncond)
         return run_sampler(run, denoiser, x, sigmas, req.sampler, start_step=start, eta=req.eta)
     small = downsample_mask(mask, vae_factor(bundle)).to(run.device)
-    guided = guided_denoiser(bundle, cond, req.cfg_scale, req.guidance_rescale)
+    guided = guided_denoiser(bundle, cond, req.cfg_scale, req.guidance_rescale,
+                             skip=req.skip_uncond)
     denoiser = masked_denoiser(guided, latent, small, noise)
     x = run_sampler(run, denoiser, x, sigmas, req.sampler, start_step=start, eta=req.eta)
     return x * small + latent * (1 - small)

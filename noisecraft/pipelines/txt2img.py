@@ -30,5 +30,6 @@ def txt2img(
     sigmas = model_sigmas(run.bundle, req.scheduler, req.steps, req.steps_offset)
     x = seeded_noise(run.generators, shape).to(run.device) * float(sigmas[0])
     concat = txt2img_concat(run, width, height)
-    denoiser = guided_denoiser(run.bundle, cond, req.cfg_scale, req.guidance_rescale, concat)
+    denoiser = guided_denoiser(run.bundle, cond, req.cfg_scale, req.guidance_rescale, concat,
+                               skip=req.skip_uncond)
     return run_sampler(run, denoiser, x, sigmas, req.sampler, eta=req.eta)

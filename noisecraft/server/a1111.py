@@ -12,11 +12,14 @@ The ControlNet extension's ``alwayson_scripts.controlnet.args`` units are run
 (:func:`_controlnets`).  ``<lora:NAME:WEIGHT>`` tags in the prompt and negative prompt apply
 the LoRA ``NAME`` from ``models/loras`` (the names ``GET /loras`` lists), as A1111's built-in
 Lora extension does; the tags stay in the answer's prompt and infotext, with ``Lora hashes``.
+The options ``s_min_uncond`` / ``s_min_uncond_all`` (NGMS, set by ``POST /options`` or a
+request's ``override_settings``) skip the negative-prompt pass at low sigma (:func:`_ngms`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Any
@@ -52,7 +55,8 @@ from noisecraft.server.security import RequestError, decode_image, read_json
 router = APIRouter()
 
 DEFAULT_OPTIONS = {"sd_model_checkpoint": None, "CLIP_stop_at_last_layers": 1,
-                   "samples_format": "png", "eta_noise_seed_delta": 0, "sd_vae": "Automatic"}
+                   "samples_format": "png", "eta_noise_seed_delta": 0, "sd_vae": "Automatic",
+                   "s_min_uncond": 0.0, "s_min_uncond_all": False}
 
 
 def _get(body: dict, name: str, kind: type | tuple, default: Any = None) -> Any:
@@ -103,7 +107,26 @@ async def _settings(state, body: dict, overrides: dict) -> dict[str, Any]:
         "model": _model_name(options.get("sd_model_checkpoint")),
         "eta": _get(body, "eta", float) if sampler in ("ddim", "euler_ancestral") else None,
         "controlnets": await run_in_threadpool(_controlnets, state, body),
+        **_ngms(options, "override_settings"),
     }
+
+
+def _ngms(options: dict, where: str) -> dict[str, Any]:
+    """A1111's options ``s_min_uncond`` (NGMS, "Negative Guidance minimum sigma") and
+    ``s_min_uncond_all`` (skip on every step, not every other) -> the request's
+    ``uncond_min_sigma`` and ``uncond_min_sigma_all_steps``."""
+    value = options.get("s_min_uncond")
+    value = 0.0 if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value < 0:
+        raise RequestError(f"{where}.s_min_uncond (NGMS, Negative Guidance minimum sigma) must "
+                           f"be a number >= 0 (0 = off), got {value!r:.40}", status=422)
+    every = options.get("s_min_uncond_all")
+    every = False if every is None else every
+    if not isinstance(every, bool):
+        raise RequestError(f"{where}.s_min_uncond_all must be true or false, got "
+                           f"{every!r:.40}", status=422)
+    return {"uncond_min_sigma": float(value), "uncond_min_sigma_all_steps": every}
 
 
 def _controlnet_unit(state, unit: Any, where: str) -> dict[str, Any] | None:
@@ -301,6 +324,7 @@ async def set_options(request: Request):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 12:
             raise RequestError("CLIP_stop_at_last_layers must be a whole number in [1, 12]",
                                status=422)
+    _ngms(body, "options")
     await run_in_threadpool(state.queue.set_options, body)
     return None
 

@@ -128,3 +128,31 @@ def test_bad_sd_upscale_requests_are_422(server):
         assert r.status_code == 422 and message in r.json()["detail"], r.text
     r = httpx.post(url, json={**body, "script_name": "Loopback"})
     assert r.status_code == 422 and "Script 'Loopback' not found" in r.json()["detail"]
+
+
+def test_ngms_override_settings_as_a1111(api, server):
+    """``override_settings: {"s_min_uncond": x, "s_min_uncond_all": b}`` (A1111's NGMS options)
+    reach the generation and its infotext; a threshold above every sigma on all steps is the
+    conditional pass alone, i.e. the CFG-scale-1 image."""
+    api.set_options({"sd_model_checkpoint": MODEL})
+    args = dict(prompt="a red circle", negative_prompt="blurry", seed=3, width=64, height=64,
+                cfg_scale=5, steps=3, sampler_name="Euler")
+    plain = api.txt2img(**args)
+    skipped = api.txt2img(**args, override_settings={"s_min_uncond": 1000,
+                                                     "s_min_uncond_all": True})
+    assert "NGMS" not in plain.image.info["parameters"]
+    assert "NGMS: 1000.0, NGMS all steps: True" in skipped.image.info["parameters"]
+    assert skipped.info["extra_generation_params"]["NGMS"] == 1000.0
+    assert skipped.image.tobytes() != plain.image.tobytes()
+    assert skipped.image.tobytes() == api.txt2img(**{**args, "cfg_scale": 1}).image.tobytes()
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    again = api.img2img(images=[init], prompt="x", seed=1, width=64, height=64,
+                        denoising_strength=0.5, override_settings={"s_min_uncond": 2.5})
+    assert "NGMS: 2.5" in again.image.info["parameters"]
+    assert "NGMS all steps" not in again.image.info["parameters"]
+    url = server.url + "/sdapi/v1"
+    r = httpx.post(url + "/txt2img", json={**args, "override_settings": {"s_min_uncond": -1}})
+    assert r.status_code == 422 and "override_settings.s_min_uncond (NGMS" in r.json()["detail"]
+    r = httpx.post(url + "/options", json={"s_min_uncond_all": "yes"})
+    assert r.status_code == 422 and "must be true or false" in r.json()["detail"]
+    assert api.get_options()["s_min_uncond"] == 0.0
