@@ -51,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="CFG rescale (Lin et al. 2023; 0.7 suits zero-terminal-SNR models)")
+    p.add_argument("--grid", type=Path, default=None,
+                   help="also save the first 16 images of each CFG as a PNG grid here")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: in results/)")
     args = p.parse_args(argv)
@@ -64,9 +68,22 @@ def generate_all(engine: Engine, prompts: list[str], args, cfg: float) -> list:
     for i, prompt in enumerate(prompts):
         request = GenerationRequest(prompt=prompt, model=args.model, steps=args.steps,
                                     cfg_scale=cfg, seed=args.seed + i, sampler=args.sampler,
-                                    scheduler=args.scheduler)
+                                    scheduler=args.scheduler,
+                                    guidance_rescale=args.guidance_rescale)
         images.append(engine.generate(request).images[0].image)
     return images
+
+
+def save_grid(images: list, path: Path, cols: int = 8) -> None:
+    """``images`` side by side, ``cols`` per row, in prompt order."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = -(-len(images) // cols)
+    sheet = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    sheet.save(path)
 
 
 def _cell(value: float) -> str:
@@ -93,6 +110,8 @@ def main(argv=None) -> dict:
     for cfg in args.cfg:
         start = time.perf_counter()
         images = generate_all(engine, prompts, args, cfg)
+        if args.grid is not None:
+            save_grid(images[:16], args.grid.with_name(f"{args.grid.stem}-cfg{cfg:g}.png"))
         rows.append({"cfg": cfg, "scores": score(images, prompts),
                      "seconds": round(time.perf_counter() - start, 2)})
         print(f"cfg {cfg:g}: {len(images)} images in {rows[-1]['seconds']} s", flush=True)
@@ -107,6 +126,7 @@ def main(argv=None) -> dict:
         "model": str(engine.default_model if args.model is None else args.model),
         "model_hash": bundle.short_hash, "native_size": bundle.family.native_size,
         "steps": args.steps, "sampler": args.sampler, "scheduler": args.scheduler,
+        "guidance_rescale": args.guidance_rescale,
         "seed": args.seed, "prompts": len(prompts), "rows": rows, "markdown": table,
     }
     out.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
