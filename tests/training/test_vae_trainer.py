@@ -141,34 +141,26 @@ def test_diffusion_stage_is_done_only_at_its_step_count(tmp_path, monkeypatch):
     assert default_model.stage_done(tmp_path, "diffusion")
     monkeypatch.setitem(default_model.STAGE_STEPS, "diffusion", 8000)  # raised: continue training
     assert not default_model.stage_done(tmp_path, "diffusion")
-    with pytest.raises(ValueError, match="the stages are vae, diffusion, vpred, focus"):
+    with pytest.raises(ValueError, match="the stages are vae, diffusion, vpred_focus"):
         default_model.stage_done(tmp_path, "nope")
 
 
-def test_vpred_stage_fine_tunes_stage_2_to_v_on_zero_terminal_snr(tmp_path, monkeypatch):
+def test_vpred_focus_stage_fine_tunes_stage_2_to_v_with_the_shapes_weighted(tmp_path,
+                                                                             monkeypatch):
     from noisecraft.training import default_model, state
 
-    cfg = default_model.vpred_stage(tmp_path)
+    base, cfg = default_model.diffusion_stage(tmp_path), default_model.vpred_focus_stage(tmp_path)
     assert cfg.model.init_weights == tmp_path / "diffusion" / "model.safetensors"
     assert (cfg.objective.prediction, cfg.objective.zero_terminal_snr) == ("v", True)
-    assert cfg.objective.min_snr_gamma is None and cfg.optim.text_lr_scale > 1
-    assert cfg.run.out_dir == tmp_path / "vpred"
-    path = tmp_path / "vpred" / "model.safetensors"
+    assert cfg.objective.min_snr_gamma is None and cfg.objective.foreground_weight == 5.0
+    assert cfg.optim == replace(base.optim, warmup_steps=100) and cfg.optim.text_lr_scale == 1
+    assert cfg.data == base.data and cfg.run.out_dir == tmp_path / "vpred_focus"
+    assert default_model.STAGES[-1] == "vpred_focus"
+    path = tmp_path / "vpred_focus" / "model.safetensors"
     path.parent.mkdir(parents=True)
     state.save_model_file(path, {"model.": {"w": torch.zeros(1)}},
                           {"noisecraft.training": {"step": 10, "samples": 160}})
-    monkeypatch.setitem(default_model.STAGE_STEPS, "vpred", 10)
-    assert default_model.stage_done(tmp_path, "vpred")
-    monkeypatch.setitem(default_model.STAGE_STEPS, "vpred", 11)
-    assert not default_model.stage_done(tmp_path, "vpred")
-
-
-def test_focus_stage_continues_stage_3_with_the_shapes_weighted(tmp_path, monkeypatch):
-    from noisecraft.training import default_model
-
-    vpred, cfg = default_model.vpred_stage(tmp_path), default_model.focus_stage(tmp_path)
-    assert cfg.model.init_weights == tmp_path / "vpred" / "model.safetensors"
-    assert cfg.objective == replace(vpred.objective, foreground_weight=5.0)
-    assert cfg.optim == vpred.optim and cfg.data == vpred.data
-    assert cfg.run.out_dir == tmp_path / "focus"
-    assert default_model.STAGES[-1] == "focus" and not default_model.stage_done(tmp_path, "focus")
+    monkeypatch.setitem(default_model.STAGE_STEPS, "vpred_focus", 10)
+    assert default_model.stage_done(tmp_path, "vpred_focus")
+    monkeypatch.setitem(default_model.STAGE_STEPS, "vpred_focus", 11)
+    assert not default_model.stage_done(tmp_path, "vpred_focus")
