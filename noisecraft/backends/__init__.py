@@ -9,8 +9,8 @@ Backends (``backend_names()``):
 ========================  ============================================================
 ``eager``                 the module as it is (the reference), fp32
 ``eager_bf16``            bf16 weights + activations (``bf16_mode="autocast"``: autocast)
-``onednn``                Linear/Conv2d on oneDNN-packed weights, fp32-exact
-``onednn_bf16``           the same in bf16
+``onednn``                Linear/Conv2d through oneDNN (packed conv weights), fp32-exact
+``onednn_bf16``           the same in bf16 (packed bf16 copies of both)
 ``compiled``              ``torch.compile`` (inductor) with freezing, fp32
 ``compiled_bf16``         the same in bf16
 ``openvino``              ``openvino.convert_model``, ``INFERENCE_PRECISION_HINT=f32``

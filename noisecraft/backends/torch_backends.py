@@ -59,7 +59,7 @@ def wrap_eager(module: nn.Module, precision: str, knobs: TorchKnobs,
 
 def wrap_onednn(module: nn.Module, precision: str, knobs: TorchKnobs,
                 options: dict) -> AcceleratedModule:
-    """Linear/Conv2d on oneDNN-packed weights (see ``noisecraft.backends.onednn``)."""
+    """Linear/Conv2d through oneDNN (see ``noisecraft.backends.onednn``)."""
     _no_options("onednn", options)
     dtype, fmt = torch_dtype(precision), _memory_format(knobs)
     inner = onednn_copy(module, dtype, channels_last=knobs.channels_last)

@@ -82,6 +82,27 @@ def test_onednn_swaps_every_linear_and_conv(unet_and_ref):
     assert not any(type(m) in (torch.nn.Linear, torch.nn.Conv2d) for m in inner.modules())
 
 
+def test_onednn_fp32_linears_share_the_source_weights(unet_and_ref):
+    """fp32: no second copy of the Linear weights (SD 1.5: 1.1 GB, SDXL: 8.9 GB); only the
+    convolutions' packed weights are extra.  bf16: packed bf16 copies of both."""
+    from noisecraft.backends.onednn import OneDNNConv2d, OneDNNLinear
+    from noisecraft.backends.wrapped import extra_bytes
+
+    unet = unet_and_ref[0]
+    backend = get_backend("onednn")
+    inner = backend.wrap(unet).inner
+    source = {m.weight.data_ptr() for m in unet.modules() if type(m) is torch.nn.Linear}
+    linears = [m for m in inner.modules() if isinstance(m, OneDNNLinear)]
+    assert {m.weight.data_ptr() for m in linears} == source
+    assert not any(m.weight.is_mkldnn for m in linears)
+    conv_bytes = sum(m.packed.numel() * m.packed.element_size()
+                     for m in inner.modules() if isinstance(m, OneDNNConv2d))
+    assert extra_bytes(unet, inner, backend) == conv_bytes > 0
+    bf16 = get_backend("onednn_bf16", bf16_native=True).wrap(unet).inner
+    assert all(m.weight.is_mkldnn and m.weight.dtype == torch.bfloat16
+               for m in bf16.modules() if isinstance(m, OneDNNLinear))
+
+
 def test_bf16_falls_back_to_fp32_without_native_bf16(unet_and_ref):
     unet, args, ref = unet_and_ref
     with pytest.warns(RuntimeWarning, match="native bf16"):
