@@ -59,6 +59,15 @@ def load_upscale_model(path: str | os.PathLike, *, device=None) -> torch.nn.Modu
     return model.to(device) if device is not None else model
 
 
+def scaled_size(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
+    """``(width, height)`` times ``scale``, each side rounded to the nearest multiple of
+    ``multiple`` (Python's ``round``: a half goes to the even multiple) and at least one
+    multiple: the output size of SD upscale and of Ultimate SD Upscale (whose
+    ``round_length`` rounds the same way)."""
+    return tuple(max(multiple, round(v * scale / multiple) * multiple)
+                 for v in (width, height))
+
+
 def blend_ramp(n: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
     """Weights along one tile side: where a neighbour tile overlaps, 0 over the outer quarter of
     the overlap (where the tile's own zero padding distorts it), then rising linearly to 1;

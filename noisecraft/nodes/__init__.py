@@ -33,11 +33,13 @@ def model_nodes() -> tuple:
     from noisecraft.nodes.model_patches import MODEL_PATCH_NODES
     from noisecraft.nodes.samplers import SAMPLER_NODES
     from noisecraft.nodes.teaching import TEACHING_NODES
+    from noisecraft.nodes.ultimate_sd_upscale import ULTIMATE_SD_UPSCALE_NODES
     from noisecraft.nodes.upscale import UPSCALE_NODES
     from noisecraft.nodes.vae import VAE_NODES
 
     return (*LOADER_NODES, *MODEL_PATCH_NODES, *CONDITIONING_NODES, *CONDITIONING_OP_NODES,
-            *SAMPLER_NODES, *VAE_NODES, *TEACHING_NODES, *CONTROL_NODES, *UPSCALE_NODES)
+            *SAMPLER_NODES, *VAE_NODES, *TEACHING_NODES, *CONTROL_NODES, *UPSCALE_NODES,
+            *ULTIMATE_SD_UPSCALE_NODES)
 
 
 def register_builtin_nodes(registry: NodeRegistry, *, models: bool = True) -> NodeRegistry:

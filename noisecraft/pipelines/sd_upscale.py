@@ -38,7 +38,13 @@ from noisecraft.request import (
     GenerationRequest,
     InputError,
 )
-from noisecraft.upscale import blend_ramp, load_upscale_model, tile_starts, upscale_with_model
+from noisecraft.upscale import (
+    blend_ramp,
+    load_upscale_model,
+    scaled_size,
+    tile_starts,
+    upscale_with_model,
+)
 
 LANCZOS = "lanczos"
 NONE = "none"  # A1111's "None" upscaler: no enlargement (``scale`` is ignored)
@@ -54,8 +60,7 @@ def upscale_image(image: Image.Image, scale: float, upscaler: str | os.PathLike 
     check_scale(scale)
     if os.fspath(upscaler) == NONE:
         scale = 1.0
-    size = tuple(max(SIZE_MULTIPLE, round(v * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-                 for v in image.size)
+    size = scaled_size(*image.size, scale, SIZE_MULTIPLE)
     if os.fspath(upscaler) not in (LANCZOS, NONE):
         model = load_upscale_model(upscaler, device=device)
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255)
