@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from noisecraft.training.shapes import ShapesDataset, render, sample_spec
+from noisecraft.training.shapes import OPTIONAL_ATTRIBUTES, ShapesDataset, render, sample_spec
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif",
                                      ".tiff")  # fmt: skip
@@ -275,9 +275,15 @@ class ShapesTorchDataset(Dataset):
     split: str = "train"
     flip: bool = False
     epoch: int = 0
+    partial_captions: float = 0.0
+    """Probability of leaving each of size, position and background out of a caption
+    (independently; drawn from ``(seed, epoch, index)``), so short prompts such as
+    "a red circle" are in the training distribution."""
 
     def __post_init__(self) -> None:
         ShapesDataset(self.count, self.size, self.seed, self.split)  # validates the arguments
+        if not 0.0 <= self.partial_captions <= 1.0:
+            raise ValueError(f"partial_captions={self.partial_captions} must lie in [0, 1]")
 
     def __len__(self) -> int:
         return self.count
@@ -292,4 +298,10 @@ class ShapesTorchDataset(Dataset):
         spec = sample_spec(self.seed, index, self.split)
         if self.flip and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5:
             spec = spec.mirrored()
-        return image_to_tensor(render(spec, self.size)), spec.caption()
+        omit: tuple[str, ...] = ()
+        if self.partial_captions > 0:
+            draws = np.random.default_rng([self.seed, self.epoch, index, 1]).random(
+                len(OPTIONAL_ATTRIBUTES))
+            omit = tuple(a for a, u in zip(OPTIONAL_ATTRIBUTES, draws, strict=True)
+                         if u < self.partial_captions)
+        return image_to_tensor(render(spec, self.size)), spec.caption(omit=omit)

@@ -176,10 +176,14 @@ class DataConfig:
     caption_dropout: float = 0.1
     shapes_count: int = 100_000
     seed: int = 0
+    shapes_partial_captions: float = 0.0
+    """Shapes only: probability of leaving each of size, position and background out of a
+    caption ("a red circle"), so the model also learns the short prompts people type."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout={self.caption_dropout} must lie in [0, 1]")
+        for name in ("caption_dropout", "shapes_partial_captions"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1]")
         if self.resolution < 8:
             raise ValueError(f"resolution={self.resolution} is too small; use e.g. 64 or 128")
 
@@ -190,7 +194,8 @@ def open_dataset(data: DataConfig):
 
     if data.source == "shapes":
         return ShapesTorchDataset(data.shapes_count, data.resolution, data.seed,
-                                  flip=data.random_flip)
+                                  flip=data.random_flip,
+                                  partial_captions=data.shapes_partial_captions)
     transform = ImageTransform(data.resolution, "random" if data.random_crop else "center",
                                data.random_flip)
     return ImageFolderDataset(data.source, transform, seed=data.seed)

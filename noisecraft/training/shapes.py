@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -68,6 +69,9 @@ TEMPLATES: tuple[str, ...] = (
     "{a_bg} background with {a_size} {color} {shape} {where}",
 )
 """Caption templates; every one is read back exactly by :func:`parse_caption`."""
+OPTIONAL_ATTRIBUTES: tuple[str, ...] = ("size", "position", "background")
+"""What a caption may leave unsaid (``ShapeSpec.caption(omit=...)``); colour and shape are
+always named."""
 
 SIZE_WORDS = {"small": ("small", "little"), "medium": ("medium", "medium-sized"),
               "large": ("large", "big")}  # fmt: skip
@@ -132,13 +136,29 @@ class ShapeSpec:
         """The five named attributes, without jitter or wording."""
         return PartialSpec(self.color, self.shape, self.size, self.position, self.background)
 
-    def caption(self, template: int | None = None, variant: int | None = None) -> str:
-        """The caption in ``TEMPLATES[template]`` (default: this spec's own wording)."""
+    def caption(self, template: int | None = None, variant: int | None = None,
+                omit: Collection[str] = ()) -> str:
+        """The caption in ``TEMPLATES[template]`` (default: this spec's own wording).
+
+        ``omit`` (a subset of ``OPTIONAL_ATTRIBUTES``) leaves those attributes unsaid, in the
+        short form people type: "a red circle", "a small red circle on a blue background"."""
         t = self.template if template is None else template
         v = self.variant if variant is None else variant
         size = SIZE_WORDS[self.size][v % len(SIZE_WORDS[self.size])]
         shape = SHAPE_WORDS[self.shape][v % len(SHAPE_WORDS[self.shape])]
         where = POSITION_WORDS[self.position][v % len(POSITION_WORDS[self.position])]
+        if omit:
+            unknown = set(omit) - set(OPTIONAL_ATTRIBUTES)
+            if unknown:
+                raise ValueError(f"omit={sorted(unknown)}; only {', '.join(OPTIONAL_ATTRIBUTES)}"
+                                 " can be left out of a caption")
+            words = [size] if "size" not in omit else []
+            words += [self.color, shape]
+            words += [where] if "position" not in omit else []
+            if "background" not in omit:
+                words.append(f"on {_article(self.background)} background")
+            text = " ".join(words)
+            return ("an " if text[0] in "aeiou" else "a ") + text
         return TEMPLATES[t].format(
             size=size, a_size=_article(size), color=self.color, a_color=_article(self.color),
             shape=shape, where=where, bg=self.background, a_bg=_article(self.background),

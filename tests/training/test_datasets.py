@@ -186,3 +186,27 @@ def test_flipped_shapes_keep_their_captions_true():
         image = Image.fromarray(((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype("uint8"))
         assert check(image).position == parse_caption(caption).position, caption
     assert 5 < flipped < 35
+
+
+def test_shapes_partial_captions_drop_attributes_deterministically():
+    from noisecraft.training.runtime import DataConfig, open_dataset
+
+    full = ShapesTorchDataset(40, 32, seed=5)
+    assert [full[i][1] for i in range(40)] == [sample_spec(5, i).caption() for i in range(40)]
+    none = ShapesTorchDataset(40, 32, seed=5, partial_captions=1.0)
+    for i in range(40):
+        spec, text = sample_spec(5, i), none[i][1]
+        got = parse_caption(text)
+        assert (got.color, got.shape) == (spec.color, spec.shape)
+        assert (got.size, got.position, got.background) == (None, None, None), text
+    half = open_dataset(DataConfig(shapes_count=200, resolution=32, seed=5, random_flip=False,
+                                   shapes_partial_captions=0.5))
+    texts = [half[i][1] for i in range(200)]
+    assert texts == [half[i][1] for i in range(200)]  # same index, same caption
+    omitted = [parse_caption(t).background is None for t in texts]
+    assert 60 < sum(omitted) < 140  # about half leave the background out
+    assert torch.equal(half[7][0], ShapesTorchDataset(200, 32, seed=5)[7][0])  # images as before
+    with pytest.raises(ValueError, match="shapes_partial_captions=1.5 must lie in"):
+        DataConfig(shapes_partial_captions=1.5)
+    with pytest.raises(ValueError, match="partial_captions=-0.1 must lie in"):
+        ShapesTorchDataset(4, 32, partial_captions=-0.1)

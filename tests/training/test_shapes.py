@@ -128,3 +128,22 @@ def test_heldout_prompts_cover_every_attribute_value_and_parse():
         assert len({getattr(p, name) for p in parsed}) == count
     assert heldout_prompts(5, seed=0) == prompts[:5]
     assert heldout_prompts(5, seed=1) != prompts[:5]
+
+
+def test_short_captions_leave_out_what_is_omitted_and_parse_back():
+    from noisecraft.training.shapes import OPTIONAL_ATTRIBUTES, parse_caption, sample_spec
+
+    spec = sample_spec(0, 3)
+    assert spec.caption(omit=OPTIONAL_ATTRIBUTES) in (f"a {spec.color} {w}" for w in
+                                                     ("circle", "disc", "square", "triangle"))
+    for omit in (("size",), ("position",), ("background",), ("size", "background")):
+        text = spec.caption(omit=omit)
+        got = parse_caption(text)
+        for name in OPTIONAL_ATTRIBUTES:
+            want = None if name in omit else getattr(spec, name)
+            assert getattr(got, name) == want, (text, name)
+        assert (got.color, got.shape) == (spec.color, spec.shape)
+        assert text.startswith(("a ", "an "))
+    assert spec.caption(omit=()) == spec.caption()
+    with pytest.raises(ValueError, match="only size, position, background can be left out"):
+        spec.caption(omit=("color",))
