@@ -30,7 +30,7 @@ import torch
 from noisecraft.engine import Engine
 from noisecraft.request import GenerationRequest
 from noisecraft.training.shape_checker import score
-from noisecraft.training.shapes import heldout_prompts
+from noisecraft.training.shapes import heldout_specs
 
 RESULTS = Path(__file__).parent / "results"
 HELDOUT = 200
@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CFG rescale (Lin et al. 2023; 0.7 suits zero-terminal-SNR models)")
     p.add_argument("--grid", type=Path, default=None,
                    help="also save the first 16 images of each CFG as a PNG grid here")
+    p.add_argument("--omit", default="",
+                   help="comma-separated, from size,position,background: leave these out of "
+                        "every prompt (short prompts such as 'a red circle'); unstated "
+                        "attributes are not scored")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: in results/)")
     args = p.parse_args(argv)
@@ -103,7 +107,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = heldout_prompts(HELDOUT)[: args.limit]
+    omit = tuple(a for a in args.omit.split(",") if a)
+    prompts = [spec.caption(omit=omit) for spec in heldout_specs(HELDOUT)[: args.limit]]
     engine = Engine(device="cpu")
     bundle = engine.model(args.model)
     rows = []
@@ -127,7 +132,8 @@ def main(argv=None) -> dict:
         "model_hash": bundle.short_hash, "native_size": bundle.family.native_size,
         "steps": args.steps, "sampler": args.sampler, "scheduler": args.scheduler,
         "guidance_rescale": args.guidance_rescale,
-        "seed": args.seed, "prompts": len(prompts), "rows": rows, "markdown": table,
+        "seed": args.seed, "prompts": len(prompts), "omit": list(omit), "rows": rows,
+        "markdown": table,
     }
     out.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
     print(f"\nwrote {out}")
