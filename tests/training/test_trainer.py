@@ -167,7 +167,7 @@ def test_default_model_export_is_float16_and_loads(tmp_path):
     out = export_default_model(tmp_path)  # the only stage with a model file: diffusion
     with pytest.raises(FileNotFoundError, match="vpred_focus"):
         export_default_model(tmp_path, stage="vpred_focus")
-    with pytest.raises(ValueError, match="diffusion, vpred_focus"):
+    with pytest.raises(ValueError, match="diffusion, vpred_focus, captions"):
         export_default_model(tmp_path, stage="vae")
     half, full = load_file(str(out)), load_file(str(result.model_path))
     assert half.keys() == full.keys()

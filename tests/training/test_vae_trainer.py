@@ -141,7 +141,7 @@ def test_diffusion_stage_is_done_only_at_its_step_count(tmp_path, monkeypatch):
     assert default_model.stage_done(tmp_path, "diffusion")
     monkeypatch.setitem(default_model.STAGE_STEPS, "diffusion", 8000)  # raised: continue training
     assert not default_model.stage_done(tmp_path, "diffusion")
-    with pytest.raises(ValueError, match="the stages are vae, diffusion, vpred_focus"):
+    with pytest.raises(ValueError, match="the stages are vae, diffusion, vpred_focus, captions"):
         default_model.stage_done(tmp_path, "nope")
 
 
@@ -155,7 +155,7 @@ def test_vpred_focus_stage_fine_tunes_stage_2_to_v_with_the_shapes_weighted(tmp_
     assert cfg.objective.min_snr_gamma is None and cfg.objective.foreground_weight == 5.0
     assert cfg.optim == replace(base.optim, warmup_steps=100) and cfg.optim.text_lr_scale == 1
     assert cfg.data == base.data and cfg.run.out_dir == tmp_path / "vpred_focus"
-    assert default_model.STAGES[-1] == "vpred_focus"
+    assert default_model.STAGES[-2] == "vpred_focus"
     path = tmp_path / "vpred_focus" / "model.safetensors"
     path.parent.mkdir(parents=True)
     state.save_model_file(path, {"model.": {"w": torch.zeros(1)}},
@@ -164,3 +164,15 @@ def test_vpred_focus_stage_fine_tunes_stage_2_to_v_with_the_shapes_weighted(tmp_
     assert default_model.stage_done(tmp_path, "vpred_focus")
     monkeypatch.setitem(default_model.STAGE_STEPS, "vpred_focus", 11)
     assert not default_model.stage_done(tmp_path, "vpred_focus")
+
+
+def test_captions_stage_continues_stage_3_on_short_captions(tmp_path):
+    from noisecraft.training import default_model
+
+    base, cfg = default_model.vpred_focus_stage(tmp_path), default_model.captions_stage(tmp_path)
+    assert cfg.model.init_weights == tmp_path / "vpred_focus" / "model.safetensors"
+    assert cfg.objective == base.objective and cfg.optim == base.optim
+    assert cfg.data == replace(base.data, shapes_partial_captions=0.3)
+    assert cfg.run.out_dir == tmp_path / "captions"
+    assert default_model.STAGES[-1] == "captions" and not default_model.stage_done(tmp_path,
+                                                                                     "captions")
