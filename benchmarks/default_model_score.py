@@ -30,7 +30,7 @@ import torch
 from noisecraft.engine import Engine
 from noisecraft.request import GenerationRequest
 from noisecraft.training.shape_checker import score
-from noisecraft.training.shapes import heldout_specs
+from noisecraft.training.shapes import OPTIONAL_ATTRIBUTES, heldout_specs
 
 RESULTS = Path(__file__).parent / "results"
 HELDOUT = 200
@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: in results/)")
     args = p.parse_args(argv)
+    unknown = sorted(set(filter(None, args.omit.split(","))) - set(OPTIONAL_ATTRIBUTES))
+    if unknown:
+        p.error(f"--omit {','.join(unknown)}: choose from {','.join(OPTIONAL_ATTRIBUTES)}")
     if args.limit is not None and not 1 <= args.limit <= HELDOUT:
         p.error(f"--limit must be between 1 and {HELDOUT}, got {args.limit}")
     return args

@@ -157,8 +157,7 @@ class ShapeSpec:
             words += [where] if "position" not in omit else []
             if "background" not in omit:
                 words.append(f"on {_article(self.background)} background")
-            text = " ".join(words)
-            return ("an " if text[0] in "aeiou" else "a ") + text
+            return _article(" ".join(words))
         return TEMPLATES[t].format(
             size=size, a_size=_article(size), color=self.color, a_color=_article(self.color),
             shape=shape, where=where, bg=self.background, a_bg=_article(self.background),
